@@ -1,0 +1,26 @@
+"""mupc_flax: very deep predictive coding networks with μPC, in JAX and Flax NNX.
+
+A notebook session needs only these names::
+
+    model = mupc_flax.ResidualPCN(784, 128, 8, 10, parameterization="mupc", rngs=nnx.Rngs(0))
+    z = model.feedforward(x)                          # [H, B, N] feed-forward activities
+    F = mupc_flax.energy(model, z, x, y)              # batch-mean energy
+    z = mupc_flax.infer(model, x, y, mupc_flax.Inference(steps=8, lr=0.5))
+    step = mupc_flax.make_train_step(model, optimizer, inference=mupc_flax.Inference(8, 0.5))
+"""
+
+from mupc_flax.model import ACTIVATIONS, Dense, Premultiplier, ResidualPCN
+from mupc_flax.parameterization import PARAMETERIZATIONS, Parameterization
+from mupc_flax.pc import (Inference, bp_gradients, energy, infer, layer_energies, output_losses,
+                          pc_gradients, wavefront_phases)
+from mupc_flax.sharding import global_batch, make_mesh
+from mupc_flax.steps import make_eval_step, make_train_step
+
+__all__ = [
+    "ACTIVATIONS", "Dense", "Premultiplier", "ResidualPCN",
+    "PARAMETERIZATIONS", "Parameterization",
+    "Inference", "bp_gradients", "energy", "infer", "layer_energies", "output_losses",
+    "pc_gradients", "wavefront_phases",
+    "global_batch", "make_mesh",
+    "make_eval_step", "make_train_step",
+]
