@@ -1,0 +1,23 @@
+"""CIFAR-10, 128 hidden layers, cross-entropy output, 20 epochs, batch 128 (MUPC.md).
+
+    python -m mupc_flax.main --config=configs/cifar10_128.py --workdir=/tmp/mupc/cifar_128
+    python -m mupc_flax.main --config=configs/cifar10_128.py:bp --workdir=/tmp/mupc/cifar_128_bp
+
+Training images get the paper's augmentation: random crop 32 (padding 4),
+horizontal flip and rotation up to 10°.
+"""
+
+from configs import default
+
+
+def get_config(arg: str | None = None):
+  config = default.base_config()
+  config.data.name = "cifar10"
+  config.data.augment = True
+  config.model.hidden_layers = 128
+  config.train.loss = "ce"
+  config.train.batch_size = 128
+  config.train.num_epochs = 20
+  config.train.learning_rate = 0.1
+  config.train.inference_lr = 0.01
+  return default.apply_arg(config, arg, bp_learning_rate=1e-2)

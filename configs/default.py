@@ -1,0 +1,95 @@
+"""Default configuration: μPC on MNIST, the paper's 1-epoch recipe (N = 512, H = 8).
+
+    python -m mupc_flax.main --config=configs/default.py --workdir=/tmp/mupc/default
+    python -m mupc_flax.main --config=configs/default.py:smoke --workdir=/tmp/mupc/smoke
+    python -m mupc_flax.main --config=configs/default.py --workdir=/tmp/mupc/d16 \\
+        --config.model.hidden_layers=16
+
+The text after ':' is a comma-separated list of variants and overrides:
+  smoke             a tiny model for 60 steps (seconds on a CPU)
+  sp                standard PC (η = 1e-2, β = 1e-2), the paper's Fig. 1 baseline
+  bp                the same network trained by backprop ("BP with Depth-μP" under μPC)
+  name=value        a field of config.model, config.train or config.data by its name,
+                    e.g. hidden_layers=32,width=256
+"""
+
+import ml_collections
+
+# The paper's BP learning rate for this experiment (MUPC.md: 1e-2, 1e-3 for linear nets).
+BP_LEARNING_RATE = 1e-2
+
+
+def base_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0  # model initialisation and data order
+
+  config.data = ml_collections.ConfigDict()
+  config.data.name = "mnist"  # mnist | fashion_mnist | cifar10
+  config.data.data_dir = ""  # "" -> $TFDS_DATA_DIR or ~/tensorflow_datasets
+  config.data.manual_dir = ""  # "" -> $MUPC_<NAME>_DIR, else download the official files
+  config.data.download_url = ""  # "" -> the official URL; else a mirror of it
+  config.data.in_memory = True  # decode each split once into memory
+  config.data.augment = False  # CIFAR-10 crop/flip/rotation for training
+  config.data.prefetch = 2  # batches prepared ahead in a background thread
+
+  config.model = ml_collections.ConfigDict()
+  config.model.width = 512  # N
+  config.model.hidden_layers = 8  # H; the network has L = H + 1 weight matrices
+  config.model.activation = "relu"  # linear | relu | tanh | gelu
+  config.model.parameterization = "mupc"  # mupc | sp
+  config.model.hidden_products = "batched"  # batched | per_layer (same result; speed differs)
+
+  config.train = ml_collections.ConfigDict()
+  config.train.algorithm = "pc"  # pc | bp
+  config.train.loss = "mse"  # mse | ce
+  config.train.batch_size = 64  # global batch, split over all devices
+  config.train.num_epochs = 1
+  config.train.num_steps = 0  # > 0: train this many steps instead of num_epochs
+  config.train.optimizer = "adam"  # an optax optimizer taking learning_rate
+  config.train.learning_rate = 0.1  # η (weights)
+  config.train.inference_steps = 0  # T; 0 -> T = H
+  config.train.inference_lr = 0.5  # β (activities), on the batch-mean energy
+  config.train.schedule = "wavefront"  # wavefront | plain (same result)
+  config.train.phases = 8  # blocks of the wavefront schedule
+
+  config.log_every_steps = 100
+  config.eval_every_steps = 0  # 0 -> evaluate once per epoch and at the end
+  config.eval_batch_size = 1000  # the whole test split is evaluated, the last batch padded
+  config.checkpoint_every_steps = 500
+  config.keep_checkpoints = 3
+  return config
+
+
+def apply_arg(config: ml_collections.ConfigDict, arg: str | None,
+              bp_learning_rate: float = BP_LEARNING_RATE) -> ml_collections.ConfigDict:
+  """Applies the variants and ``name=value`` overrides of a config argument."""
+  for item in filter(None, (arg or "").split(",")):
+    if "=" in item:
+      name, value = item.split("=", 1)
+      sections = [s for s in (config.model, config.train, config.data) if name in s]
+      if len(sections) != 1:
+        raise ValueError(f"Config argument {item!r}: {name!r} is not a field of "
+                         "config.model, config.train or config.data.")
+      field_type = type(sections[0][name])
+      sections[0][name] = value.lower() in ("1", "true") if field_type is bool else field_type(value)
+    elif item == "smoke":
+      config.model.width = 64
+      config.model.hidden_layers = 4
+      config.train.num_steps = 60
+      config.log_every_steps = 10
+      config.eval_every_steps = 30
+      config.checkpoint_every_steps = 30
+    elif item == "sp":
+      config.model.parameterization = "sp"
+      config.train.learning_rate = 1e-2
+      config.train.inference_lr = 1e-2
+    elif item == "bp":
+      config.train.algorithm = "bp"
+      config.train.learning_rate = bp_learning_rate
+    else:
+      raise ValueError(f"Unknown config variant {item!r}; use smoke, sp, bp or name=value.")
+  return config
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  return apply_arg(base_config(), arg)

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Single-node training: one process using every local device (all GPUs, or the CPU).
+#
+#   launch/local.sh CONFIG WORKDIR [extra flags...]
+#   launch/local.sh configs/mnist_128.py ~/mupc_runs/mnist_128
+#   launch/local.sh configs/default.py:smoke /tmp/mupc/smoke --config.train.num_steps=100
+#
+# Environment:
+#   PYTHON=python3      the interpreter of the environment mupc_flax is installed in
+#   PROCESSES=N         run N cooperating processes on this machine (jax.distributed over
+#                       127.0.0.1), each with its share of the devices; default 1
+#   CPU_DEVICES=N       on a CPU-only machine, emulate N devices per process
+#   GPUS_PER_PROCESS=K  with PROCESSES > 1 on a GPU machine: GPUs per process (default 1)
+# Rerunning the same command resumes from the newest checkpoint in WORKDIR.
+set -euo pipefail
+
+if [ $# -lt 2 ]; then
+  sed -n '2,16p' "$0" >&2
+  exit 2
+fi
+config=$1
+workdir=$2
+shift 2
+python=${PYTHON:-python3}
+processes=${PROCESSES:-1}
+if [ -n "${CPU_DEVICES:-}" ]; then
+  export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=${CPU_DEVICES}"
+fi
+cd "$(dirname "$0")/.."  # configs/ paths are relative to the repository root
+
+if [ "$processes" -eq 1 ]; then
+  exec "$python" -m mupc_flax.main --config="$config" --workdir="$workdir" "$@"
+fi
+
+port=$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+pids=()
+for ((i = 0; i < processes; i++)); do
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    k=${GPUS_PER_PROCESS:-1}
+    export CUDA_VISIBLE_DEVICES=$(seq -s, $((i * k)) $((i * k + k - 1)))
+  fi
+  "$python" -m mupc_flax.main --config="$config" --workdir="$workdir" \
+      --coordinator_address="127.0.0.1:${port}" --num_processes="$processes" --process_id="$i" "$@" &
+  pids+=($!)
+done
+status=0
+for pid in "${pids[@]}"; do
+  wait "$pid" || status=$?
+done
+exit "$status"

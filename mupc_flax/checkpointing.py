@@ -1,0 +1,123 @@
+"""A small wrapper around ``orbax.checkpoint.CheckpointManager``.
+
+A checkpoint holds four items: ``model`` (weights and premultipliers),
+``optimizer`` (its state and step count), ``data`` (the grain iterator state of
+this process), and ``meta`` (JSON: the step, the data seed and the examples
+seen; all randomness of training is the data order and augmentation, a pure
+function of the seed and the position the iterator state records).
+Saving is asynchronous; ``wait`` blocks until every save is on disk.
+"""
+
+import os
+import time
+from typing import Any
+
+import grain
+import jax
+from jax.experimental import multihost_utils
+import orbax.checkpoint as ocp
+from absl import logging
+
+
+class WorkdirError(Exception):
+  """The workdir holds checkpoints this run cannot continue."""
+
+
+def _shapes(tree) -> dict[str, tuple]:
+  """Array path -> shape, for live NNX states and for Orbax metadata trees alike."""
+  leaves = jax.tree_util.tree_leaves_with_path(tree)
+  return {jax.tree_util.keystr(path).removesuffix(".value").removesuffix("['value']"):
+          tuple(getattr(leaf, "shape", ())) for path, leaf in leaves}
+
+
+class Checkpointer:
+  """Saves and restores training state in ``directory``, keeping the newest ``keep``."""
+
+  def __init__(self, directory: str | os.PathLike, keep: int):
+    self.directory = os.fspath(directory)
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True),
+        item_handlers={"model": ocp.StandardCheckpointHandler(),
+                       "optimizer": ocp.StandardCheckpointHandler(),
+                       "data": grain.checkpoint.CheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()})
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, model_state, opt_state, data_iterator, meta: dict) -> None:
+    self._manager.save(step, args=ocp.args.Composite(
+        model=ocp.args.StandardSave(model_state),
+        optimizer=ocp.args.StandardSave(opt_state),
+        data=grain.checkpoint.CheckpointSave(data_iterator),
+        meta=ocp.args.JsonSave(meta)), force=True)
+
+  def check_compatible(self, step: int, model_state) -> None:
+    """Refuses a workdir whose checkpoints hold a model of another shape."""
+    saved = self._manager.item_metadata(step)["model"]
+    saved, wanted = _shapes(getattr(saved, "tree", saved)), _shapes(model_state)
+    if saved != wanted:
+      diff = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+      details = ", ".join(f"{k}: saved {saved.get(k)} vs now {wanted.get(k)}" for k in diff[:4])
+      raise WorkdirError(
+          f"The workdir {os.path.dirname(self.directory)} holds checkpoints of a different model "
+          f"({details}). Use another --workdir, or delete this one to start over.")
+
+  def restore_latest(self, model_state, opt_state, data_iterator) -> tuple[Any, Any, dict] | None:
+    """Restores the newest readable checkpoint into the given structures.
+
+    ``model_state`` and ``opt_state`` give shapes, dtypes and shardings (their
+    values are not used); ``data_iterator`` is restored in place. An unreadable
+    checkpoint is skipped with a warning in favour of the one before it.
+    Returns (model_state, opt_state, meta), or None if there is none.
+    """
+    steps = sorted(self._manager.all_steps(), reverse=True)
+    if not steps:
+      return None
+    abstract = lambda tree: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+    unreadable = []
+    for step in steps:
+      try:
+        self.check_compatible(step, model_state)
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            model=ocp.args.StandardRestore(abstract(model_state)),
+            optimizer=ocp.args.StandardRestore(abstract(opt_state)),
+            data=grain.checkpoint.CheckpointRestore(data_iterator),
+            meta=ocp.args.JsonRestore()))
+      except WorkdirError:
+        raise
+      except Exception as e:  # Any failure to read means: try the previous one.
+        logging.warning("Checkpoint %d in %s is unreadable (%s: %s); falling back to an older one.",
+                        step, self.directory, type(e).__name__, str(e).splitlines()[0][:200])
+        unreadable.append(step)
+        continue
+      self._set_aside(unreadable)
+      return restored["model"], restored["optimizer"], restored["meta"]
+    raise WorkdirError(f"No checkpoint in {self.directory} is readable ({steps}); delete the "
+                       "directory to start over.")
+
+  def _set_aside(self, steps: list[int]) -> None:
+    """Moves unreadable checkpoints to ``<directory>.unreadable/`` (kept for
+    inspection), so the resumed run can save those steps again."""
+    if not steps:
+      return
+    quarantine = self.directory + ".unreadable"
+    if jax.process_index() == 0:
+      os.makedirs(quarantine, exist_ok=True)
+      for step in steps:
+        target = os.path.join(quarantine, f"{step}-{int(time.time())}")
+        os.rename(os.path.join(self.directory, str(step)), target)
+        logging.warning("Moved unreadable checkpoint %d to %s.", step, target)
+    multihost_utils.sync_global_devices("mupc_flax: unreadable checkpoints set aside")
+    self._manager.reload()
+
+  def reached_preemption(self, step: int) -> bool:
+    """Whether any process got a preemption notice (multi-process runs agree on the step)."""
+    return self._manager.reached_preemption(step)
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()

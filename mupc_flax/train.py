@@ -1,0 +1,231 @@
+"""The training program: ``train_and_evaluate(config, workdir)``.
+
+It prepares the dataset if needed, builds the mesh, model, optimizer and
+pipelines, resumes from the newest checkpoint in ``workdir``, trains with the
+PC (or BP) step, evaluates on the whole test split, logs (process 0 only) to
+the console, ``metrics.jsonl`` and TensorBoard, and checkpoints every N steps,
+at the end and on SIGTERM.
+"""
+
+import contextlib
+import pathlib
+import signal
+import threading
+import time
+
+import jax
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+
+from mupc_flax import checkpointing, data, metrics, pc, sharding, steps
+from mupc_flax.model import ACTIVATIONS, ResidualPCN
+from mupc_flax.parameterization import PARAMETERIZATIONS
+
+
+class TrainingError(Exception):
+  """The run cannot start or go on; the message says why and what to do."""
+
+
+_CHOICES = {
+    "data.name": data.DATASETS,
+    "model.activation": tuple(ACTIVATIONS),
+    "model.parameterization": tuple(PARAMETERIZATIONS),
+    "model.hidden_products": ("batched", "per_layer"),
+    "train.algorithm": ("pc", "bp"),
+    "train.loss": ("mse", "ce"),
+    "train.schedule": ("plain", "wavefront"),
+}
+_POSITIVE = ("model.width", "model.hidden_layers", "train.batch_size", "train.num_epochs",
+             "train.learning_rate", "train.phases", "log_every_steps", "eval_batch_size",
+             "keep_checkpoints", "checkpoint_every_steps")
+_NON_NEGATIVE = ("train.num_steps", "train.inference_steps", "train.inference_lr",
+                 "eval_every_steps", "data.prefetch")
+
+
+def _get(config, dotted: str):
+  for part in dotted.split("."):
+    config = config[part]
+  return config
+
+
+def validate_config(config, num_devices: int, num_processes: int) -> None:
+  """Raises TrainingError with one clear message for the first bad field."""
+  for field, choices in _CHOICES.items():
+    if _get(config, field) not in choices:
+      raise TrainingError(f"config.{field} = {_get(config, field)!r} is not one of {list(choices)}.")
+  for field in _POSITIVE:
+    if not _get(config, field) > 0:
+      raise TrainingError(f"config.{field} must be positive, got {_get(config, field)!r}.")
+  for field in _NON_NEGATIVE:
+    if not _get(config, field) >= 0:
+      raise TrainingError(f"config.{field} must be non-negative, got {_get(config, field)!r}.")
+  if not callable(getattr(optax, config.train.optimizer, None)):
+    raise TrainingError(f"config.train.optimizer = {config.train.optimizer!r} is not an optax "
+                        "optimizer (e.g. adam, sgd, adamw).")
+  if config.data.augment and config.data.name != "cifar10":
+    raise TrainingError("config.data.augment is the CIFAR-10 augmentation; set it only for cifar10.")
+  for field in ("train.batch_size", "eval_batch_size"):
+    size = _get(config, field)
+    if size % num_devices or size % num_processes:
+      raise TrainingError(
+          f"config.{field} = {size} must be divisible by the number of devices ({num_devices}) "
+          f"and of processes ({num_processes}); use a multiple of {np.lcm(num_devices, num_processes)}.")
+
+
+@contextlib.contextmanager
+def _sigterm_flag():
+  """Yields a flag that a SIGTERM (preemption) sets; the loop saves and stops."""
+  flag = threading.Event()
+  if threading.current_thread() is not threading.main_thread():
+    yield flag
+    return
+  previous = signal.signal(signal.SIGTERM, lambda signum, frame: flag.set())
+  try:
+    yield flag
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
+def _summarise(window: list[dict]) -> dict:
+  """Means over the steps of a log interval; per-layer energies stay a vector."""
+  return {key: np.mean([m[key] for m in window], axis=0) for key in window[0]}
+
+
+def _check_finite(window: list[dict], first_step: int) -> None:
+  for offset, m in enumerate(window):
+    bad = [k for k in ("loss", "energy") if k in m and not np.all(np.isfinite(m[k]))]
+    if bad:
+      raise TrainingError(
+          f"Non-finite {' and '.join(bad)} at step {first_step + offset + 1}: training diverged. "
+          "The last good checkpoint is kept; lower train.learning_rate or train.inference_lr.")
+
+
+def evaluate(eval_step, model_state, split: data.Split, mesh, batch_size: int) -> dict:
+  """Loss and accuracy of the feed-forward prediction over the whole split."""
+  total = None
+  for batch in data.eval_batches(split, global_batch_size=batch_size,
+                                 process_index=jax.process_index(),
+                                 process_count=jax.process_count()):
+    x, y, mask = sharding.global_batch((batch["x"], batch["y"], batch["mask"]), mesh)
+    sums = eval_step(model_state, x, y, mask)
+    total = sums if total is None else jax.tree.map(lambda a, b: a + b, total, sums)
+  total = jax.device_get(total)
+  return {"loss": total["loss"] / total["count"], "accuracy": total["correct"] / total["count"],
+          "examples": total["count"]}
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains and evaluates as ``config`` says; returns the final eval metrics."""
+  mesh = sharding.make_mesh()
+  validate_config(config, mesh.size, jax.process_count())
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  is_main = jax.process_index() == 0
+  logging.info("Process %d of %d; %d devices in the mesh (%d local); workdir %s",
+               jax.process_index(), jax.process_count(), mesh.size, jax.local_device_count(), workdir)
+
+  # Data: prepared on first use (atomically, so concurrent processes are safe).
+  data_dir = config.data.data_dir or data.default_data_dir()
+  data.prepare(config.data.name, data_dir, manual_dir=config.data.manual_dir or None,
+               url=config.data.download_url or None)
+  train_split = data.Split(config.data.name, "train", data_dir, in_memory=config.data.in_memory)
+  test_split = data.Split(config.data.name, "test", data_dir, in_memory=config.data.in_memory)
+  batch_size = config.train.batch_size
+  steps_per_epoch = len(train_split) // batch_size
+  num_steps = config.train.num_steps or config.train.num_epochs * steps_per_epoch
+  if num_steps == 0:
+    raise TrainingError(f"The training split has {len(train_split)} examples, fewer than one "
+                        f"batch of {batch_size}.")
+  eval_every = config.eval_every_steps or steps_per_epoch
+  train_iterator = iter(data.train_dataset(
+      train_split, global_batch_size=batch_size, seed=config.seed,  # endless: the loop counts
+      augment=config.data.augment, process_index=jax.process_index(),
+      process_count=jax.process_count(), prefetch=config.data.prefetch))
+
+  # Model, optimizer and compiled steps.
+  spec = train_split.spec
+  model = ResidualPCN(spec.input_size, config.model.width, config.model.hidden_layers,
+                      spec.num_classes, activation=config.model.activation,
+                      parameterization=config.model.parameterization,
+                      hidden_products=config.model.hidden_products, rngs=nnx.Rngs(config.seed))
+  optimizer = nnx.Optimizer(model, getattr(optax, config.train.optimizer)(config.train.learning_rate),
+                            wrt=nnx.Param)
+  inference = pc.Inference(steps=config.train.inference_steps or config.model.hidden_layers,
+                           lr=config.train.inference_lr, schedule=config.train.schedule,
+                           phases=config.train.phases)
+  train_step = steps.make_train_step(model, optimizer, mesh, algorithm=config.train.algorithm,
+                                     inference=inference, loss=config.train.loss)
+  eval_step = steps.make_eval_step(model, mesh, loss=config.train.loss)
+  model_state = sharding.replicate(nnx.state(model), mesh)
+  opt_state = sharding.replicate(nnx.state(optimizer), mesh)
+
+  # Resume from the newest readable checkpoint.
+  checkpointer = checkpointing.Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
+  start_step = 0
+  try:
+    restored = checkpointer.restore_latest(model_state, opt_state, train_iterator)
+  except checkpointing.WorkdirError as e:
+    raise TrainingError(str(e)) from None
+  if restored is not None:
+    model_state, opt_state, meta = restored
+    start_step = meta["step"]
+    if meta["seed"] != config.seed:
+      logging.warning("The checkpoint was trained with seed %d, this config has %d: the data "
+                      "order continues from the config's seed.", meta["seed"], config.seed)
+    logging.info("Resumed from step %d of %d.", start_step, num_steps)
+    if is_main:
+      metrics.truncate_after(workdir / "metrics.jsonl", start_step)
+  if is_main:
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  writer = metrics.MetricWriter(workdir, enabled=is_main)
+
+  def save(step):
+    checkpointer.save(step, model_state, opt_state, train_iterator,
+                      {"step": step, "seed": config.seed, "examples_seen": step * batch_size})
+
+  pending: list = []  # device metrics of steps not yet checked
+  window: list = []  # host metrics since the last log
+  clock = time.perf_counter()
+  last_eval = None
+  with _sigterm_flag() as preempt_signal:
+    for step in range(start_step, num_steps):
+      batch = next(train_iterator)
+      x, y = sharding.global_batch((batch["x"], batch["y"]), mesh)
+      model_state, opt_state, step_metrics = train_step(model_state, opt_state, x, y)
+      pending.append(step_metrics)
+      done = step + 1
+      # All processes must stop at the same step: they agree on a preemption.
+      preempted = (checkpointer.reached_preemption(done) if jax.process_count() > 1
+                   else preempt_signal.is_set())
+      final = done == num_steps
+      save_now = final or preempted or done % config.checkpoint_every_steps == 0
+      if save_now or done % config.log_every_steps == 0:
+        host = jax.device_get(pending)
+        _check_finite(host, done - len(host))  # before any save: keep the last good checkpoint
+        window += host
+        pending = []
+      if window and (final or done % config.log_every_steps == 0):
+        elapsed = time.perf_counter() - clock
+        summary = _summarise(window)
+        summary["examples_per_second"] = len(window) * batch_size / elapsed
+        summary["eta_seconds"] = (num_steps - done) * elapsed / len(window)
+        writer.write(done, "train", summary)
+        window, clock = [], time.perf_counter()
+      if final or done % eval_every == 0:
+        last_eval = evaluate(eval_step, model_state, test_split, mesh, config.eval_batch_size)
+        writer.write(done, "eval", last_eval)
+        clock = time.perf_counter()  # evaluation time is not training throughput
+      if save_now:
+        save(done)
+      if preempted:
+        logging.warning("Preempted: saved step %d of %d; rerun the same command to resume.",
+                        done, num_steps)
+        break
+  if last_eval is None:  # resumed a finished run: report its result
+    last_eval = evaluate(eval_step, model_state, test_split, mesh, config.eval_batch_size)
+  checkpointer.wait()
+  checkpointer.close()
+  writer.close()
+  return last_eval

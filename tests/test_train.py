@@ -1,0 +1,347 @@
+"""The training program end to end: main, configs, checkpoints, resume, faults."""
+
+import importlib.util
+import os
+import pathlib
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from tensorboardX.proto import event_pb2
+
+from mupc_flax import metrics, train
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+# Slow enough per step (≈10 ms) that a run can be killed between checkpoints.
+RESUMABLE = ["--config.model.width=256", "--config.model.hidden_layers=8",
+             "--config.train.num_steps=300", "--config.checkpoint_every_steps=50",
+             "--config.log_every_steps=10", "--config.eval_every_steps=100"]
+
+
+def command(workdir, data_dir, *overrides, config="configs/default.py:smoke"):
+  return [sys.executable, "-m", "mupc_flax.main", f"--config={config}", f"--workdir={workdir}",
+          f"--config.data.data_dir={data_dir}", "--config.data.in_memory=False", *overrides]
+
+
+def environment(devices=1):
+  return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
+              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+
+
+def run(workdir, data_dir, *overrides, devices=1, config="configs/default.py:smoke", timeout=300):
+  return subprocess.run(command(workdir, data_dir, *overrides, config=config), cwd=REPO,
+                        env=environment(devices), capture_output=True, text=True, timeout=timeout)
+
+
+def load_checkpoint(workdir, step, item="model"):
+  """A saved item as {path: array} on this process's first device, whatever the
+  topology it was saved from."""
+  path = pathlib.Path(workdir) / "checkpoints" / str(step) / item
+  checkpointer = ocp.StandardCheckpointer()
+  saved = checkpointer.metadata(path).item_metadata.tree
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  tree = checkpointer.restore(path, jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), saved))
+  return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def checkpoint_steps(workdir):
+  folder = pathlib.Path(workdir) / "checkpoints"
+  return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.exists() else []
+
+
+def tensorboard_scalars(workdir):
+  """Reads the event files (TFRecord framing, Event protos): tag -> [(step, value)]."""
+  scalars = {}
+  for path in (pathlib.Path(workdir) / "tensorboard").glob("events.out.tfevents.*"):
+    payload = path.read_bytes()
+    offset = 0
+    while offset < len(payload):
+      (length,) = struct.unpack("<Q", payload[offset:offset + 8])
+      event = event_pb2.Event.FromString(payload[offset + 12:offset + 12 + length])
+      offset += 12 + length + 4
+      for value in event.summary.value:
+        scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+  return scalars
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+# --- Configs ----------------------------------------------------------------------
+
+
+def load_config(path, arg=None):
+  sys.path.insert(0, str(REPO))
+  try:
+    spec = importlib.util.spec_from_file_location("config_under_test", REPO / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+  finally:
+    sys.path.remove(str(REPO))
+
+
+@pytest.mark.parametrize("path,arg,expected", [
+    ("configs/default.py", None, {"model.hidden_layers": 8, "model.width": 512, "train.learning_rate": 0.1}),
+    ("configs/default.py", "smoke", {"train.num_steps": 60}),
+    ("configs/mnist_depth.py", "hidden_layers=32,width=256", {"model.hidden_layers": 32, "model.width": 256}),
+    ("configs/mnist_depth.py", "hidden_layers=64,bp", {"train.algorithm": "bp", "train.learning_rate": 1e-2}),
+    ("configs/mnist_depth.py", "activation=linear,bp", {"train.learning_rate": 1e-3}),
+    ("configs/mnist_depth.py", "activation=tanh", {"train.inference_lr": 1.0}),
+    ("configs/mnist_depth.py", "activation=tanh,inference_lr=0.25", {"train.inference_lr": 0.25}),
+    ("configs/mnist_depth.py", "sp", {"model.parameterization": "sp", "train.inference_lr": 1e-2}),
+    ("configs/mnist_128.py", None, {"model.hidden_layers": 128, "train.num_epochs": 5}),
+    ("configs/mnist_128.py", "bp", {"train.learning_rate": 5e-3}),
+    ("configs/fashion_mnist_128.py", None, {"data.name": "fashion_mnist", "train.num_epochs": 15,
+                                           "train.learning_rate": 0.05}),
+    ("configs/cifar10_128.py", None, {"data.name": "cifar10", "train.loss": "ce", "train.batch_size": 128,
+                                     "train.inference_lr": 0.01, "data.augment": True}),
+])
+def test_configs_hold_the_paper_settings(path, arg, expected):
+  config = load_config(path, arg)
+  train.validate_config(config, num_devices=1, num_processes=1)
+  for field, value in expected.items():
+    assert train._get(config, field) == value, field
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("model.width", 0, "config.model.width must be positive"),
+    ("train.batch_size", -4, "config.train.batch_size must be positive"),
+    ("model.activation", "swish", "config.model.activation = 'swish' is not one of"),
+    ("model.parameterization", "ntk", "config.model.parameterization = 'ntk' is not one of"),
+    ("data.name", "imagenet", "config.data.name = 'imagenet' is not one of"),
+    ("train.algorithm", "ep", "config.train.algorithm = 'ep' is not one of"),
+    ("train.optimizer", "adamm", "not an optax optimizer"),
+    ("train.batch_size", 60, "divisible by the number of devices \\(8\\)"),
+])
+def test_config_errors_are_clear(field, value, message):
+  config = load_config("configs/default.py")
+  section, name = field.split(".")
+  config[section][name] = value
+  with pytest.raises(train.TrainingError, match=message):
+    train.validate_config(config, num_devices=8, num_processes=1)
+
+
+def test_main_reports_config_errors_before_computing(tmp_path):
+  typo = run(tmp_path / "a", tmp_path, "--config.model.widht=3")
+  assert typo.returncode != 0 and "Did you mean" in typo.stderr
+  bad = run(tmp_path / "b", tmp_path, "--config.model.width=0")
+  assert bad.returncode == 1
+  assert bad.stderr.strip().splitlines()[-1] == "error: config.model.width must be positive, got 0."
+  assert not (tmp_path / "b" / "checkpoints").exists()
+  indivisible = run(tmp_path / "c", tmp_path, "--config.train.batch_size=30", devices=8)
+  assert indivisible.returncode == 1 and "divisible by the number of devices (8)" in indivisible.stderr
+
+
+# --- End to end -------------------------------------------------------------------
+
+
+def test_smoke_run_writes_metrics_events_and_checkpoints(tmp_path, mnist_data_dir):
+  result = run(tmp_path, mnist_data_dir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  records = metrics.read(tmp_path / "metrics.jsonl")
+  train_records = [r for r in records if r["split"] == "train"]
+  evals = [r for r in records if r["split"] == "eval"]
+  assert [r["step"] for r in train_records] == [10, 20, 30, 40, 50, 60]
+  assert [r["step"] for r in evals] == [30, 60]
+  assert evals[-1]["examples"] == 10_000 and evals[-1]["accuracy"] > 0.3  # chance is 0.1
+  assert train_records[-1]["loss"] < train_records[0]["loss"]
+  assert len(train_records[0]["layer_energies"]) == 5  # H = 4 hidden layers + output
+  assert train_records[0]["examples_per_second"] > 0 and "eta_seconds" in train_records[0]
+  assert checkpoint_steps(tmp_path) == [30, 60]
+  assert (tmp_path / "config.json").exists()
+  scalars = tensorboard_scalars(tmp_path)
+  assert [s for s, _ in scalars["train/loss"]] == [10, 20, 30, 40, 50, 60]
+  np.testing.assert_allclose(scalars["eval/accuracy"][-1][1], evals[-1]["accuracy"], rtol=1e-6)
+  assert "[eval] step 60" in result.stderr  # the console log
+
+
+def test_killed_run_resumes_bit_identically(tmp_path, mnist_data_dir):
+  straight = run(tmp_path / "straight", mnist_data_dir, *RESUMABLE)
+  assert straight.returncode == 0, straight.stderr[-3000:]
+
+  workdir = tmp_path / "killed"
+  process = subprocess.Popen(command(workdir, mnist_data_dir, *RESUMABLE), cwd=REPO,
+                             env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 240
+  while not (workdir / "checkpoints" / "50").is_dir() and time.time() < deadline:
+    time.sleep(0.01)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  assert process.returncode == -signal.SIGKILL
+  at_kill = checkpoint_steps(workdir)
+  assert 50 in at_kill and 300 not in at_kill, at_kill  # killed mid-run
+
+  resumed = run(workdir, mnist_data_dir, *RESUMABLE)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "Resumed from step" in resumed.stderr
+  a, b = load_checkpoint(tmp_path / "straight", 300), load_checkpoint(workdir, 300)
+  assert a.keys() == b.keys()
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+  for name in ("optimizer",):
+    for key, value in load_checkpoint(tmp_path / "straight", 300, name).items():
+      np.testing.assert_array_equal(value, load_checkpoint(workdir, 300, name)[key])
+  timing = ("examples_per_second", "eta_seconds")
+  strip = lambda rs: [{k: v for k, v in r.items() if k not in timing} for r in rs]
+  assert strip(metrics.read(workdir / "metrics.jsonl")) == \
+      strip(metrics.read(tmp_path / "straight" / "metrics.jsonl"))
+
+
+def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path, mnist_data_dir):
+  process = subprocess.Popen(command(tmp_path, mnist_data_dir, *RESUMABLE), cwd=REPO,
+                             env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+  deadline = time.time() + 240
+  while not (tmp_path / "checkpoints" / "50").is_dir() and time.time() < deadline:
+    time.sleep(0.01)
+  time.sleep(0.2)
+  process.send_signal(signal.SIGTERM)
+  _, stderr = process.communicate(timeout=120)
+  assert process.returncode == 0, stderr[-3000:]
+  saved = int(stderr.split("Preempted: saved step ")[1].split()[0])
+  assert 50 < saved < 300 and checkpoint_steps(tmp_path)[-1] == saved
+  # The meta item records the step the checkpoint was saved at.
+  assert f'"step": {saved}' in (tmp_path / "checkpoints" / str(saved) / "meta" / "metadata").read_text()
+
+
+def test_eight_devices_end_to_end_match_one(tmp_path, mnist_data_dir):
+  overrides = ["--config.train.num_steps=30"]
+  one = run(tmp_path / "one", mnist_data_dir, *overrides, devices=1)
+  eight = run(tmp_path / "eight", mnist_data_dir, *overrides, devices=8)
+  assert one.returncode == 0 and eight.returncode == 0, eight.stderr[-3000:]
+  assert "8 devices in the mesh" in eight.stderr
+  a, b = load_checkpoint(tmp_path / "one", 30), load_checkpoint(tmp_path / "eight", 30)
+  for key in a:
+    np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-5 * np.abs(a[key]).max(), err_msg=key)
+  eval_one = [r for r in metrics.read(tmp_path / "one" / "metrics.jsonl") if r["split"] == "eval"]
+  eval_eight = [r for r in metrics.read(tmp_path / "eight" / "metrics.jsonl") if r["split"] == "eval"]
+  assert abs(eval_one[-1]["accuracy"] - eval_eight[-1]["accuracy"]) <= 2e-4
+
+
+SMALL = ["--config.train.num_steps=20", "--config.checkpoint_every_steps=20",
+         "--config.eval_every_steps=20", "--config.data.in_memory=False"]
+
+
+def assert_same_run(reference, other):
+  a, b = load_checkpoint(reference, 20), load_checkpoint(other, 20)
+  for key in a:
+    np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-5 * np.abs(a[key]).max(), err_msg=key)
+  last = lambda w: [r for r in metrics.read(w / "metrics.jsonl") if r["split"] == "eval"][-1]
+  assert abs(last(reference)["accuracy"] - last(other)["accuracy"]) <= 2e-4
+
+
+@pytest.fixture(scope="module")
+def two_device_reference(tmp_path_factory, mnist_data_dir):
+  """The 20-step smoke run as one process with two devices."""
+  workdir = tmp_path_factory.mktemp("reference")
+  result = run(workdir, mnist_data_dir, *SMALL, devices=2)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+def test_two_processes_via_local_launcher_match_one(tmp_path, mnist_data_dir, two_device_reference):
+  env = dict(environment(devices=1), PROCESSES="2", PYTHON=sys.executable)
+  result = subprocess.run(["launch/local.sh", "configs/default.py:smoke", str(tmp_path),
+                           f"--config.data.data_dir={mnist_data_dir}", *SMALL],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "process 0 of 2" in result.stderr and "process 1 of 2" in result.stderr
+  assert_same_run(two_device_reference, tmp_path)
+
+
+FAKE_SRUN = """#!/usr/bin/env bash
+# Stands in for srun: runs the command as local tasks with the variables srun sets.
+while [[ "$1" == --* ]]; do shift; done
+pids=()
+for ((i = 0; i < FAKE_SLURM_TASKS; i++)); do
+  SLURM_JOB_ID=4242 SLURM_STEP_NODELIST=localhost SLURM_NTASKS=$FAKE_SLURM_TASKS \
+  SLURM_PROCID=$i SLURM_LOCALID=$i "$@" &
+  pids+=($!)
+done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+exit $status
+"""
+
+
+def test_slurm_script_runs_a_detected_multi_process_job(tmp_path, mnist_data_dir, two_device_reference):
+  fake_bin = tmp_path / "bin"
+  fake_bin.mkdir()
+  (fake_bin / "srun").write_text(FAKE_SRUN)
+  (fake_bin / "srun").chmod(0o755)
+  (fake_bin / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+  (fake_bin / "python").chmod(0o755)
+  env = dict(environment(devices=1), PATH=f"{fake_bin}:{os.environ['PATH']}", FAKE_SLURM_TASKS="2",
+             CONFIG="configs/default.py:smoke", RUN_NAME="smoke", RUNS_DIR=str(tmp_path / "runs"),
+             SLURM_SUBMIT_DIR=str(REPO))
+  result = subprocess.run(["bash", "launch/slurm.sbatch", f"--config.data.data_dir={mnist_data_dir}",
+                           *SMALL], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "process 1 of 2" in result.stderr  # jax.distributed found the job from SLURM's variables
+  assert_same_run(two_device_reference, tmp_path / "runs" / "smoke")
+
+
+# --- Faults -------------------------------------------------------------------------
+
+
+def test_corrupt_newest_checkpoint_is_skipped(tmp_path, mnist_data_dir):
+  assert run(tmp_path, mnist_data_dir).returncode == 0
+  for blob in (tmp_path / "checkpoints" / "60" / "model").rglob("d/*"):
+    blob.write_bytes(b"garbage")
+  resumed = run(tmp_path, mnist_data_dir, "--config.train.num_steps=90")
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "Checkpoint 60" in resumed.stderr and "unreadable" in resumed.stderr
+  assert "Resumed from step 30" in resumed.stderr
+  assert checkpoint_steps(tmp_path) == [30, 60, 90]
+  set_aside = list((tmp_path / "checkpoints.unreadable").iterdir())
+  assert len(set_aside) == 1 and set_aside[0].name.startswith("60-")  # kept for inspection
+
+
+def test_non_finite_energy_stops_and_keeps_the_last_good_checkpoint(tmp_path, mnist_data_dir):
+  assert run(tmp_path, mnist_data_dir, "--config.train.num_steps=30").returncode == 0
+  before = load_checkpoint(tmp_path, 30)
+  diverging = run(tmp_path, mnist_data_dir, "--config.train.num_steps=60",
+                  "--config.train.inference_lr=1e9")
+  assert diverging.returncode == 1
+  last_line = diverging.stderr.strip().splitlines()[-1]
+  assert last_line.startswith("error: Non-finite energy at step 31"), last_line
+  assert checkpoint_steps(tmp_path) == [30]
+  after = load_checkpoint(tmp_path, 30)
+  for key in before:
+    np.testing.assert_array_equal(before[key], after[key])
+
+
+def test_workdir_of_another_model_is_refused(tmp_path, mnist_data_dir):
+  assert run(tmp_path, mnist_data_dir, "--config.train.num_steps=30").returncode == 0
+  other = run(tmp_path, mnist_data_dir, "--config.model.hidden_layers=6")
+  assert other.returncode == 1
+  assert "holds checkpoints of a different model" in other.stderr
+  assert "saved (3, 64, 64) vs now (5, 64, 64)" in other.stderr
+  assert checkpoint_steps(tmp_path) == [30]
+
+
+# --- Real data ----------------------------------------------------------------------
+
+
+def test_one_epoch_of_real_mnist_reaches_93_percent(tmp_path, mnist_data_dir):
+  """μPC, width 128, H = 8, the paper's η = 0.1 and β = 0.5, one epoch (reference: 94.0 %)."""
+  config = load_config("configs/mnist_depth.py", "width=128,hidden_layers=8")
+  config.data.data_dir = str(mnist_data_dir)
+  config.checkpoint_every_steps = 10_000
+  start = time.perf_counter()
+  result = train.train_and_evaluate(config, str(tmp_path))
+  print(f"1 epoch, width 128, H = 8: {result['accuracy']:.4f} in {time.perf_counter() - start:.1f} s")
+  assert result["examples"] == 10_000
+  assert result["accuracy"] >= 0.93
