@@ -37,7 +37,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.hidden_layers = 8  # H; the network has L = H + 1 weight matrices
   config.model.activation = "relu"  # linear | relu | tanh | gelu
   config.model.parameterization = "mupc"  # mupc | sp
-  config.model.hidden_products = "batched"  # batched | per_layer (same result; speed differs)
+  config.model.hidden_products = "auto"  # auto | batched | per_layer (same result; speed differs)
+  config.model.matmul_dtype = "float32"  # float32 | bfloat16 (residual products; for GPUs)
 
   config.train = ml_collections.ConfigDict()
   config.train.algorithm = "pc"  # pc | bp
@@ -55,6 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.log_every_steps = 100
   config.eval_every_steps = 0  # 0 -> evaluate once per epoch and at the end
   config.eval_batch_size = 1000  # the whole test split is evaluated, the last batch padded
+  config.log_hessian = False  # at each eval: activity-Hessian spectrum of one test example (small nets)
   config.checkpoint_every_steps = 500
   config.keep_checkpoints = 3
   return config

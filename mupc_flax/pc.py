@@ -19,13 +19,13 @@ gradient), and small activity changes keep full relative precision.
 
 import dataclasses
 import math
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mupc_flax.model import ResidualPCN
+from mupc_flax.model import ResidualPCN, residual_product
 
 Loss = Literal["mse", "ce"]
 Schedule = Literal["plain", "wavefront"]
@@ -129,59 +129,102 @@ def _blocks(hidden_layers: int, inference: Inference) -> tuple[tuple[int, int], 
   return wavefront_phases(hidden_layers, inference.steps, inference.phases)
 
 
+# Inference holds the hidden layers either as one [S, B, N] array ("batched")
+# or as a tuple of S [B, N] arrays ("per_layer"). Both support x[i], x[a:b]
+# and len(x), and jax.tree.map applies element-wise maps to either; these
+# helpers cover the rest.
+
+
+def _layout(x: jax.Array, per_layer: bool):
+  return tuple(x) if per_layer else x
+
+
+def _stacked(x) -> jax.Array:
+  return jnp.stack(x) if isinstance(x, tuple) else x
+
+
+def _join(lower, upper):
+  if isinstance(upper, tuple):
+    return tuple(lower) + upper
+  return jnp.concatenate([lower, upper]) if len(lower) else upper
+
+
+def _per_layer_sum_of_squares(x) -> jax.Array:
+  if isinstance(x, tuple):
+    return jnp.stack([jnp.sum(jnp.square(v)) for v in x]) if x else jnp.zeros((0,))
+  return jnp.sum(jnp.square(x), axis=(1, 2))
+
+
 class _Start(NamedTuple):
-  """Where inference starts: activities z⁰ [H, B, N], φ(z⁰), and the errors
-  there (None at the feed-forward start, where they are zero by definition)."""
+  """Where inference starts: activities z⁰, φ(z⁰), and the errors there (None
+  at the feed-forward start, where they are zero by definition); [H, B, N]
+  each, in the model's layout."""
 
-  z: jax.Array
-  phi: jax.Array
-  errors: jax.Array | None
+  z: Any
+  phi: Any
+  errors: Any
 
 
-def _errors(model: ResidualPCN, start: _Start, delta: jax.Array, first: int,
-            bottom_shift: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Errors [S, B, N] of the top S hidden layers ``first … H−1`` and φ(z) there.
+def _start(model: ResidualPCN, z: jax.Array, errors: jax.Array | None) -> _Start:
+  per_layer = model.hidden_products == "per_layer"
+  return _Start(_layout(z, per_layer), _layout(model.phi(z), per_layer),
+                None if errors is None else _layout(errors, per_layer))
 
-  ``delta`` [S, B, N] are their deviations from the start; ``bottom_shift``
-  [B, N] is how far the prediction of layer ``first`` has moved, which depends
-  only on the layers below (fixed while this slice is updated).
+
+def _errors(model: ResidualPCN, start: _Start, delta, first: int, bottom_shift: jax.Array, hidden):
+  """Errors of the top S hidden layers ``first … H−1`` and φ(z) there.
+
+  ``delta`` holds their deviations from the start; ``bottom_shift`` [B, N] is
+  how far the prediction of layer ``first`` has moved, which depends only on
+  the layers below (fixed while this slice is updated); ``hidden`` is
+  (kernels, multipliers) of the S − 1 residual layers inside the slice.
   """
-  phi = model.phi(start.z[first:] + delta)
-  shifts = model.residual(phi[:-1] - start.phi[first:-1], first) + delta[:-1]
-  errors = delta - jnp.concatenate([bottom_shift[None], shifts])
+  phi = jax.tree.map(lambda z, d: model.phi(z + d), start.z[first:], delta)
+  moved = residual_product(*hidden, jax.tree.map(jnp.subtract, phi[:-1], start.phi[first:-1]))
+  shifts = _join((bottom_shift,) if isinstance(delta, tuple) else bottom_shift[None],
+                 jax.tree.map(jnp.add, moved, delta[:-1]))
+  errors = jax.tree.map(jnp.subtract, delta, shifts)
   if start.errors is not None:
-    errors = errors + start.errors[first:]
+    errors = jax.tree.map(jnp.add, errors, start.errors[first:])
   return errors, phi
 
 
-def _bottom_shift(model: ResidualPCN, start: _Start, delta: jax.Array, first: int) -> jax.Array:
+def _hidden_weights(model: ResidualPCN):
+  """(kernels, multipliers) of the residual layers, kernels in the model's layout."""
+  return (_layout(model.hidden_kernels(), model.hidden_products == "per_layer"),
+          model.hidden.multiplier[...])
+
+
+def _bottom_shift(model: ResidualPCN, start: _Start, delta, first: int) -> jax.Array:
   """Shift of the prediction of layer ``first`` caused by the layer below it."""
   if first == 0:  # The input projection a_1 W_1 x never moves.
     return jnp.zeros_like(start.z[0])
-  below = slice(first - 1, first)
-  phi = model.phi(start.z[below] + delta[below])
-  return (model.residual(phi - start.phi[below], first - 1) + delta[below])[0]
+  below = first - 1
+  moved = model.phi(start.z[below] + delta[below]) - start.phi[below]
+  return model.residual(_layout(moved[None], isinstance(delta, tuple)), below)[0] + delta[below]
 
 
 def _descend(model: ResidualPCN, start: _Start, y: jax.Array, blocks: tuple[tuple[int, int], ...],
-             lr: float, loss: Loss, batch_size: int) -> jax.Array:
-  """Gradient descent on the activities; returns the deviations δ [H, B, N].
+             lr: float, loss: Loss, batch_size: int):
+  """Gradient descent on the activities; returns the deviations δ from the start.
 
   Each block (first layer, steps) is one compiled loop over the top slice;
   nothing but the current δ is carried (no trajectory is stored).
   """
-  delta = jnp.zeros_like(start.z)
+  delta = jax.tree.map(jnp.zeros_like, start.z)
+  kernels, multipliers = _hidden_weights(model)
   for first, num_steps in blocks:
     bottom_shift = _bottom_shift(model, start, delta, first)
+    hidden = (kernels[first:], multipliers[first:])  # sliced once, outside the loop
 
-    def block_energy(d, first=first, bottom_shift=bottom_shift):
-      errors, phi = _errors(model, start, d, first, bottom_shift)
+    def block_energy(d, first=first, bottom_shift=bottom_shift, hidden=hidden):
+      errors, phi = _errors(model, start, d, first, bottom_shift, hidden)
       output = jnp.sum(output_losses(model.readout(phi[-1]), y, loss))
-      return (0.5 * jnp.sum(jnp.square(errors)) + output) / batch_size
+      return (0.5 * jnp.sum(_per_layer_sum_of_squares(errors)) + output) / batch_size
 
     grad = jax.grad(block_energy)
-    top = jax.lax.fori_loop(0, num_steps, lambda _, d: d - lr * grad(d), delta[first:])
-    delta = top if first == 0 else jnp.concatenate([delta[:first], top])
+    step = lambda _, d: jax.tree.map(lambda v, g: v - lr * g, d, grad(d))
+    delta = _join(delta[:first], jax.lax.fori_loop(0, num_steps, step, delta[first:]))
   return delta
 
 
@@ -212,51 +255,47 @@ def infer(model: ResidualPCN, x: jax.Array, y: jax.Array, inference: Inference, 
                      "call infer without z, or use Inference(schedule='plain').")
   else:
     start_errors = z - jnp.concatenate([model.input_layer(x)[None], model.residual_predictions(z[:-1])])
-  start = _Start(z, model.phi(z), start_errors)
-  delta = _descend(model, start, y, _blocks(model.hidden_layers, inference), inference.lr, loss,
-                   batch_size or x.shape[0])
-  return z + delta
+  delta = _descend(model, _start(model, z, start_errors), y,
+                   _blocks(model.hidden_layers, inference), inference.lr, loss, batch_size or x.shape[0])
+  return z + _stacked(delta)
 
 
 def _sum_correct(outputs: jax.Array, y: jax.Array) -> jax.Array:
   return jnp.sum(jnp.argmax(outputs, -1) == jnp.argmax(y, -1)).astype(jnp.float32)
 
 
-def pc_gradients(model: ResidualPCN, x: jax.Array, y: jax.Array, inference: Inference, *,
-                 loss: Loss = "mse", batch_size: int | None = None) -> tuple[nnx.State, dict]:
-  """PC weight gradients: feed-forward start, inference, ∂F/∂W at the final z.
+class InferenceResult(NamedTuple):
+  """The network at the end of inference, all a weight gradient needs.
 
-  At the final activities, with e_ℓ the errors and ε = −∂ℓ_out/∂μ_L,
-  ∂F/∂W_1 = −(a_1/B) xᵀe_1, ∂F/∂W_ℓ = −(a_ℓ/B) φ(z_{ℓ-1})ᵀe_ℓ and
-  ∂F/∂W_L = −(a_L/B) φ(z_H)ᵀε (the same as ``jax.grad`` of ``energy``).
+  errors: hidden errors e_ℓ; phi: φ(z_ℓ); each [H, B, N], or a tuple of H
+  [B, N] arrays for a "per_layer" model (left unstacked: on XLA's CPU runtime
+  a concatenation after the inference loop slows the loop itself).
+  output_error: [B, C] ε = −∂ℓ_out/∂μ_L.
+  """
 
-  Returns:
-    grads: an ``nnx.State`` of the ``nnx.Param`` gradients.
-    metrics: batch means (divided by ``batch_size``) of: ``loss`` (the
-      feed-forward output loss, which is also the energy before inference),
-      ``accuracy`` (feed-forward), ``energy`` (after inference) and
-      ``layer_energies`` [H + 1] (after inference).
+  errors: jax.Array
+  phi: jax.Array
+  output_error: jax.Array
+
+
+def pc_inference(model: ResidualPCN, x: jax.Array, y: jax.Array, inference: Inference, *,
+                 loss: Loss = "mse", batch_size: int | None = None) -> tuple[InferenceResult, dict]:
+  """Feed-forward start and inference; returns the final state and batch metrics.
+
+  metrics are batch means (divided by ``batch_size``) of: ``loss`` (the
+  feed-forward output loss, which is also the energy before inference),
+  ``accuracy`` (feed-forward), ``energy`` (after inference) and
+  ``layer_energies`` [H + 1] (after inference).
   """
   batch_size = batch_size or x.shape[0]
   z0 = model.feedforward(x)
-  start = _Start(z0, model.phi(z0), None)
+  start = _start(model, z0, None)
   delta = _descend(model, start, y, _blocks(model.hidden_layers, inference), inference.lr, loss,
                    batch_size)
-  errors, phi = _errors(model, start, delta, 0, jnp.zeros_like(z0[0]))
+  errors, phi = _errors(model, start, delta, 0, jnp.zeros_like(z0[0]), _hidden_weights(model))
   outputs = model.readout(phi[-1])
-  out_error = output_errors(outputs, y, loss)
-
-  scale = -1.0 / batch_size
-  grads = nnx.state(model, nnx.Param)
-  nnx.replace_by_pure_dict(grads, {
-      "input_layer": {"kernel": scale * model.input_layer.multiplier[...] * (x.T @ errors[0])},
-      "hidden": {"kernel": scale * model.hidden.multiplier[...][:, None, None]
-                           * jnp.einsum("kbi,kbo->kio", phi[:-1], errors[1:])},
-      "readout": {"kernel": scale * model.readout.multiplier[...] * (phi[-1].T @ out_error)},
-  })
-
   ff_outputs = model.output(z0[-1])
-  per_layer = jnp.append(0.5 * jnp.sum(jnp.square(errors), axis=(1, 2)),
+  per_layer = jnp.append(0.5 * _per_layer_sum_of_squares(errors),
                          jnp.sum(output_losses(outputs, y, loss))) / batch_size
   metrics = {
       "loss": jnp.sum(output_losses(ff_outputs, y, loss)) / batch_size,
@@ -264,7 +303,36 @@ def pc_gradients(model: ResidualPCN, x: jax.Array, y: jax.Array, inference: Infe
       "energy": jnp.sum(per_layer),
       "layer_energies": per_layer,
   }
-  return grads, metrics
+  return InferenceResult(errors, phi, output_errors(outputs, y, loss)), metrics
+
+
+def pc_weight_gradients(model: ResidualPCN, x: jax.Array, result: InferenceResult,
+                        batch_size: int | None = None) -> nnx.State:
+  """∂F/∂W at the end of inference, in closed form (= ``jax.grad`` of ``energy``):
+
+  ∂F/∂W_1 = −(a_1/B) xᵀe_1, ∂F/∂W_ℓ = −(a_ℓ/B) φ(z_{ℓ-1})ᵀe_ℓ, ∂F/∂W_L = −(a_L/B) φ(z_H)ᵀε.
+  Returns an ``nnx.State`` of the ``nnx.Param`` gradients.
+  """
+  scale = -1.0 / (batch_size or x.shape[0])
+  errors, phi = _stacked(result.errors), _stacked(result.phi)
+  grads = nnx.state(model, nnx.Param)
+  nnx.replace_by_pure_dict(grads, {
+      "input_layer": {"kernel": scale * model.input_layer.multiplier[...] * (x.T @ errors[0])},
+      "hidden": {"kernel": scale * model.hidden.multiplier[...][:, None, None]
+                           * jnp.einsum("kbi,kbo->kio", phi[:-1], errors[1:])},
+      "readout": {"kernel": scale * model.readout.multiplier[...] * (phi[-1].T @ result.output_error)},
+  })
+  return grads
+
+
+def pc_gradients(model: ResidualPCN, x: jax.Array, y: jax.Array, inference: Inference, *,
+                 loss: Loss = "mse", batch_size: int | None = None) -> tuple[nnx.State, dict]:
+  """PC weight gradients: feed-forward start, inference, ∂F/∂W at the final z.
+
+  Returns (grads, metrics): ``pc_weight_gradients`` of ``pc_inference``.
+  """
+  result, metrics = pc_inference(model, x, y, inference, loss=loss, batch_size=batch_size)
+  return pc_weight_gradients(model, x, result, batch_size), metrics
 
 
 def bp_gradients(model: ResidualPCN, x: jax.Array, y: jax.Array, *, loss: Loss = "mse",

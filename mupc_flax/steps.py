@@ -4,8 +4,8 @@ Each device runs feed-forward, inference and the energy on its own rows of
 the batch (``jax.shard_map``: no communication inside the inference loop).
 Energies are normalised by the *global* batch, so the per-sample activity step
 is β/B_global on any number of devices, and the sum over devices of the local
-weight gradients is the global-batch gradient. The optimizer update then runs
-on the replicated weights.
+weight gradients (one ``psum``) is the global-batch gradient. The optimizer
+update then runs on the replicated weights.
 
 A train step maps (model_state, opt_state, x, y) to (model_state, opt_state,
 metrics); the states come from ``nnx.state(model)`` and
@@ -28,8 +28,8 @@ Algorithm = Literal["pc", "bp"]
 
 def make_train_step(model: ResidualPCN, optimizer: nnx.Optimizer,
                     mesh: jax.sharding.Mesh | None = None, *, algorithm: Algorithm = "pc",
-                    inference: pc.Inference | None = None,
-                    loss: pc.Loss = "mse") -> Callable:
+                    inference: pc.Inference | None = None, loss: pc.Loss = "mse",
+                    split: bool | None = None) -> Callable:
   """Builds the jitted, data-parallel train step for this model and optimizer.
 
   Args:
@@ -38,57 +38,115 @@ def make_train_step(model: ResidualPCN, optimizer: nnx.Optimizer,
     algorithm: "pc" (inference, then ∂F/∂W) or "bp" (backprop on the loss).
     inference: T, β and schedule; required for "pc".
     loss: "mse" or "ce".
+    split: PC only: compile inference and the weight update as two functions
+      (dispatched back to back, no host sync) rather than one. On XLA's CPU
+      runtime a compiled loop runs up to 2× slower when work follows it in the
+      same program, so None means True on CPU when this process drives one
+      device, else False. (Several CPU devices in one process must not
+      interleave two programs with collectives: the CPU runtime can deadlock.)
 
   Returns:
     ``step(model_state, opt_state, x [B, D], y [B, C]) -> (model_state,
     opt_state, metrics)`` with B the global batch; metrics are global batch
-    means (see ``pc.pc_gradients``).
+    means (see ``pc.pc_inference``) plus ``update_norms`` [L], the norm of
+    each weight matrix's change in this step. ``step.lower(*args)`` gives the
+    ``jax.stages.Lowered`` of each compiled part (for benchmarks).
   """
   if algorithm == "pc" and inference is None:
     raise ValueError("The PC train step needs inference=Inference(steps=…, lr=…).")
   if algorithm not in ("pc", "bp"):
     raise ValueError(f"Unknown algorithm {algorithm!r}; choose 'pc' or 'bp'.")
   mesh = mesh or sharding.make_mesh()
+  if split is None:
+    split = jax.default_backend() == "cpu" and len(mesh.local_devices) == 1
   model_def = nnx.graphdef(model)
   opt_def = nnx.graphdef(optimizer)
+  data = P(sharding.DATA_AXIS)
+  hidden = ((data,) * model.hidden_layers if model.hidden_products == "per_layer"
+            else P(None, sharding.DATA_AXIS))
+  result_specs = pc.InferenceResult(hidden, hidden, data)
+
+  def global_batch(x):
+    return x.shape[0] * jax.lax.axis_size(sharding.DATA_AXIS)
+
+  def local_inference(model_state, x, y):
+    model = nnx.merge(model_def, model_state)
+    result, metrics = pc.pc_inference(model, x, y, inference, loss=loss, batch_size=global_batch(x))
+    # Metrics are local sums over the global-batch normaliser: add them up.
+    return result, jax.lax.psum(metrics, sharding.DATA_AXIS)
+
+  def local_weight_gradients(model_state, x, result):
+    # Marking the weights device-varying makes every gradient a local one
+    # (jax.grad then inserts no implicit sum), so one explicit psum serves
+    # the closed-form PC gradients and the backprop ones alike.
+    model = nnx.merge(model_def, jax.lax.pcast(model_state, sharding.DATA_AXIS, to="varying"))
+    grads = pc.pc_weight_gradients(model, x, result, global_batch(x))
+    return jax.lax.psum(grads, sharding.DATA_AXIS)
 
   def local_gradients(model_state, x, y):
-    # Marking the weights device-varying makes every gradient below a local
-    # one (jax.grad then inserts no implicit sum), so one explicit psum
-    # serves the closed-form PC gradients and the backprop ones alike.
-    model_state = jax.lax.pcast(model_state, sharding.DATA_AXIS, to="varying")
-    model = nnx.merge(model_def, model_state)
-    global_batch = x.shape[0] * jax.lax.axis_size(sharding.DATA_AXIS)
     if algorithm == "pc":
-      grads, metrics = pc.pc_gradients(model, x, y, inference, loss=loss, batch_size=global_batch)
-    else:
-      grads, metrics = pc.bp_gradients(model, x, y, loss=loss, batch_size=global_batch)
-    # Both are local sums over the global-batch normaliser: add them up.
+      result, metrics = local_inference(model_state, x, y)
+      return local_weight_gradients(model_state, x, result), metrics
+    model = nnx.merge(model_def, jax.lax.pcast(model_state, sharding.DATA_AXIS, to="varying"))
+    grads, metrics = pc.bp_gradients(model, x, y, loss=loss, batch_size=global_batch(x))
     return jax.lax.psum((grads, metrics), sharding.DATA_AXIS)
 
-  gradients = jax.shard_map(local_gradients, mesh=mesh,
-                            in_specs=(P(), P(sharding.DATA_AXIS), P(sharding.DATA_AXIS)),
-                            out_specs=(P(), P()))
-
-  replicated, batch = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-
-  def _step(model_state, opt_state, x, y):
-    grads, metrics = gradients(model_state, x, y)
+  def apply(model_state, opt_state, grads):
+    """The optimizer update; also returns the norm of each layer's weight change [L]."""
     model = nnx.merge(model_def, model_state)
     optimizer = nnx.merge(opt_def, opt_state)
-    optimizer.update(model, grads)
-    return nnx.state(model), nnx.state(optimizer), metrics
+    updates = optimizer.update(model, grads)  # what was added to the weights
+    return nnx.state(model), nnx.state(optimizer), _layer_norms(updates)
 
-  step = jax.jit(_step, donate_argnums=(0, 1),
-                 in_shardings=(replicated, replicated, batch, batch),
-                 out_shardings=(replicated, replicated, replicated))
+  replicated, batch = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+  if split and algorithm == "pc":
+    inference_part = jax.jit(
+        jax.shard_map(local_inference, mesh=mesh, in_specs=(P(), data, data),
+                      out_specs=(result_specs, P())),
+        in_shardings=(replicated, batch, batch))
+    gradients = jax.shard_map(local_weight_gradients, mesh=mesh,
+                              in_specs=(P(), data, result_specs), out_specs=P())
+    update_part = jax.jit(lambda m, o, x, r: apply(m, o, gradients(m, x, r)),
+                          donate_argnums=(0, 1), out_shardings=(replicated, replicated, replicated))
+
+    def step(model_state, opt_state, x, y):
+      result, metrics = inference_part(model_state, x, y)
+      model_state, opt_state, update_norms = update_part(model_state, opt_state, x, result)
+      return model_state, opt_state, metrics | {"update_norms": update_norms}
+
+    def lower(model_state, opt_state, x, y):
+      result = jax.eval_shape(inference_part, model_state, x, y)[0]
+      return [inference_part.lower(model_state, x, y),
+              update_part.lower(model_state, opt_state, x, result)]
+  else:
+    gradients = jax.shard_map(local_gradients, mesh=mesh, in_specs=(P(), data, data),
+                              out_specs=(P(), P()))
+
+    def whole(model_state, opt_state, x, y):
+      grads, metrics = gradients(model_state, x, y)
+      model_state, opt_state, update_norms = apply(model_state, opt_state, grads)
+      return model_state, opt_state, metrics | {"update_norms": update_norms}
+
+    step = jax.jit(whole, donate_argnums=(0, 1), in_shardings=(replicated, replicated, batch, batch),
+                   out_shardings=(replicated, replicated, replicated))
+
+    def lower(*args):
+      return [step.lower(*args)]
 
   def train_step(model_state, opt_state, x, y):
     sharding.check_batch_size(x.shape[0], mesh)
     return step(model_state, opt_state, x, y)
 
-  train_step.jitted = step  # For ahead-of-time lowering in benchmarks.
+  train_step.lower = lower
   return train_step
+
+
+def _layer_norms(params: nnx.State) -> jax.Array:
+  """Frobenius norm of each weight matrix of a ResidualPCN-shaped state, bottom to top [L]."""
+  hidden = params["hidden"]["kernel"][...]
+  return jnp.concatenate([jnp.linalg.norm(params["input_layer"]["kernel"][...])[None],
+                          jnp.sqrt(jnp.sum(jnp.square(hidden), axis=(1, 2))),
+                          jnp.linalg.norm(params["readout"]["kernel"][...])[None]])
 
 
 def make_eval_step(model: ResidualPCN, mesh: jax.sharding.Mesh | None = None, *,

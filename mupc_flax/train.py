@@ -19,8 +19,8 @@ import optax
 from absl import logging
 from flax import nnx
 
-from mupc_flax import checkpointing, data, metrics, pc, sharding, steps
-from mupc_flax.model import ACTIVATIONS, ResidualPCN
+from mupc_flax import checkpointing, data, diagnostics, metrics, pc, sharding, steps
+from mupc_flax.model import ACTIVATIONS, MATMUL_DTYPES, ResidualPCN
 from mupc_flax.parameterization import PARAMETERIZATIONS
 
 
@@ -32,7 +32,8 @@ _CHOICES = {
     "data.name": data.DATASETS,
     "model.activation": tuple(ACTIVATIONS),
     "model.parameterization": tuple(PARAMETERIZATIONS),
-    "model.hidden_products": ("batched", "per_layer"),
+    "model.hidden_products": ("auto", "batched", "per_layer"),
+    "model.matmul_dtype": tuple(MATMUL_DTYPES),
     "train.algorithm": ("pc", "bp"),
     "train.loss": ("mse", "ce"),
     "train.schedule": ("plain", "wavefront"),
@@ -116,8 +117,28 @@ def evaluate(eval_step, model_state, split: data.Split, mesh, batch_size: int) -
           "examples": total["count"]}
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains and evaluates as ``config`` says; returns the final eval metrics."""
+def _layer_diagnostics(config, model: ResidualPCN, model_state, initial_params,
+                       split: data.Split) -> dict:
+  """Which layers learn (‖W − W⁰‖/‖W⁰‖ per matrix) and, if ``config.log_hessian``,
+  the activity Hessian's spectrum for the first test example."""
+  current = jax.device_get(model_state)
+  out = {"weight_change": diagnostics.relative_weight_change(initial_params, current)}
+  if config.log_hessian:
+    example = data.pipeline.preprocess(*split.read(np.array([0])), split.spec)
+    spectrum = diagnostics.hessian_spectrum(nnx.merge(nnx.graphdef(model), current),
+                                            example["x"][0], example["y"][0], loss=config.train.loss)
+    out |= {"hessian_condition": spectrum["condition"], "hessian_min": spectrum["min"],
+            "hessian_max": spectrum["max"]}
+  return out
+
+
+def train_and_evaluate(config, workdir: str,
+                       splits: tuple[data.Split, data.Split] | None = None) -> dict:
+  """Trains and evaluates as ``config`` says; returns the final eval metrics.
+
+  ``splits``: the (train, test) splits already loaded (a sweep shares them
+  between runs); default: prepared if needed and loaded from the config's data.
+  """
   mesh = sharding.make_mesh()
   validate_config(config, mesh.size, jax.process_count())
   workdir = pathlib.Path(workdir)
@@ -127,11 +148,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
                jax.process_index(), jax.process_count(), mesh.size, jax.local_device_count(), workdir)
 
   # Data: prepared on first use (atomically, so concurrent processes are safe).
-  data_dir = config.data.data_dir or data.default_data_dir()
-  data.prepare(config.data.name, data_dir, manual_dir=config.data.manual_dir or None,
-               url=config.data.download_url or None)
-  train_split = data.Split(config.data.name, "train", data_dir, in_memory=config.data.in_memory)
-  test_split = data.Split(config.data.name, "test", data_dir, in_memory=config.data.in_memory)
+  if splits is None:
+    data_dir = config.data.data_dir or data.default_data_dir()
+    data.prepare(config.data.name, data_dir, manual_dir=config.data.manual_dir or None,
+                 url=config.data.download_url or None)
+    splits = tuple(data.Split(config.data.name, split, data_dir, in_memory=config.data.in_memory)
+                   for split in ("train", "test"))
+  train_split, test_split = splits
   batch_size = config.train.batch_size
   steps_per_epoch = len(train_split) // batch_size
   num_steps = config.train.num_steps or config.train.num_epochs * steps_per_epoch
@@ -149,7 +172,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   model = ResidualPCN(spec.input_size, config.model.width, config.model.hidden_layers,
                       spec.num_classes, activation=config.model.activation,
                       parameterization=config.model.parameterization,
-                      hidden_products=config.model.hidden_products, rngs=nnx.Rngs(config.seed))
+                      hidden_products=config.model.hidden_products,
+                      matmul_dtype=config.model.matmul_dtype, rngs=nnx.Rngs(config.seed))
   optimizer = nnx.Optimizer(model, getattr(optax, config.train.optimizer)(config.train.learning_rate),
                             wrt=nnx.Param)
   inference = pc.Inference(steps=config.train.inference_steps or config.model.hidden_layers,
@@ -158,6 +182,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   train_step = steps.make_train_step(model, optimizer, mesh, algorithm=config.train.algorithm,
                                      inference=inference, loss=config.train.loss)
   eval_step = steps.make_eval_step(model, mesh, loss=config.train.loss)
+  # The initial weights are a function of the seed, so a resumed run has them too.
+  initial_params = jax.device_get(nnx.state(model, nnx.Param))
   model_state = sharding.replicate(nnx.state(model), mesh)
   opt_state = sharding.replicate(nnx.state(optimizer), mesh)
 
@@ -215,6 +241,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         window, clock = [], time.perf_counter()
       if final or done % eval_every == 0:
         last_eval = evaluate(eval_step, model_state, test_split, mesh, config.eval_batch_size)
+        last_eval |= _layer_diagnostics(config, model, model_state, initial_params, test_split)
         writer.write(done, "eval", last_eval)
         clock = time.perf_counter()  # evaluation time is not training throughput
       if save_now:

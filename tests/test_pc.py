@@ -195,3 +195,17 @@ def test_input_projection_is_not_recomputed_inside_inference():
     for body in bodies:
       shapes = [v.aval.shape for eqn in body.eqns for v in eqn.invars if hasattr(v, "aval")]
       assert shapes and not any(d_in in shape for shape in shapes)
+
+
+def test_bfloat16_products_are_used_and_close_to_float32():
+  x, y = oracles.random_batch(12, 32, D, C)
+  grads = {}
+  for dtype in ("float32", "bfloat16"):
+    model = make_model("mupc", "relu", hidden_layers=6, width=64, matmul_dtype=dtype)
+    grads[dtype], _ = mf.pc_gradients(model, x, y, mf.Inference(6, 2.0))
+    jaxpr = str(jax.make_jaxpr(lambda m: mf.pc_gradients(m, x, y, mf.Inference(6, 2.0))[0])(model))
+    assert ("bf16" in jaxpr) == (dtype == "bfloat16")
+  for a, b in zip(jax.tree.leaves(grads["float32"]), jax.tree.leaves(grads["bfloat16"])):
+    a, b = np.ravel(a), np.ravel(b)
+    cosine = a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
+    assert cosine > 0.995 and abs(np.linalg.norm(b) / np.linalg.norm(a) - 1) < 0.02

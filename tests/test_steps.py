@@ -98,3 +98,40 @@ def test_pc_train_step_at_128_layers():
   assert metrics["layer_energies"].shape == (hidden + 1,)
   assert float(metrics["energy"]) < float(metrics["loss"])
   assert not np.allclose(model_state["readout"]["kernel"][...], before)
+
+
+@pytest.mark.parametrize("products", ["per_layer", "batched"])
+def test_split_and_single_compiled_step_agree(products):
+  """The speed lever 'two compiled functions' computes the same step."""
+  results = []
+  for split in (False, True):
+    model = mf.ResidualPCN(D, N, H, C, hidden_products=products, rngs=nnx.Rngs(4))
+    optimizer = nnx.Optimizer(model, optax.adam(0.05), wrt=nnx.Param)
+    # One device: where the split form is used (steps.make_train_step explains why).
+    step = mf.make_train_step(model, optimizer, mf.make_mesh(jax.devices()[:1]),
+                              inference=mf.Inference(H, 8.0), split=split)
+    state = (nnx.state(model), nnx.state(optimizer))
+    for i in range(2):
+      x, y = oracles.random_batch(50 + i, B, D, C)
+      *state, metrics = step(*state, x, y)
+    results.append((jax.tree.map(np.asarray, state[0]), jax.tree.map(np.asarray, metrics)))
+  (a, ma), (b, mb) = results
+  for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6 * np.abs(u).max())
+  np.testing.assert_allclose(ma["layer_energies"], mb["layer_energies"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("products,schedule", [("per_layer", "plain"), ("batched", "wavefront")])
+def test_memory_does_not_grow_with_inference_steps(products, schedule):
+  """No inference trajectory is stored: compiled scratch memory is flat in T."""
+  temp = {}
+  for steps in (16, 64):  # both past the wavefront (T > H): the same block structure
+    model = mf.ResidualPCN(D, 64, 8, C, hidden_products=products, rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, optax.adam(0.05), wrt=nnx.Param)
+    step = mf.make_train_step(model, optimizer, mf.make_mesh(jax.devices()[:1]),
+                              inference=mf.Inference(steps, 0.5, schedule))
+    x, y = oracles.random_batch(0, B, D, C)
+    compiled = [lowered.compile() for lowered in step.lower(nnx.state(model), nnx.state(optimizer), x, y)]
+    temp[steps] = max(c.memory_analysis().temp_size_in_bytes for c in compiled)
+  assert temp[16] > 0
+  assert temp[64] <= 1.02 * temp[16], temp

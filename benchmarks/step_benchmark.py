@@ -1,0 +1,219 @@
+"""Seconds per PC training step, against the reference design and the matmul peak.
+
+    python benchmarks/step_benchmark.py                       # CPU: 128x8 and 256x32
+    python benchmarks/step_benchmark.py --configs=512x128     # e.g. on a GPU
+    python benchmarks/step_benchmark.py --levers              # each speed lever on/off
+
+One step = feed-forward start + T = H inference steps + Adam update, μPC,
+ReLU, batch 64 (MUPC.md's recipe). For every config, all variants are timed
+round-robin in the same process (this machine is shared and noisy, so only
+medians and ratios measured side by side mean anything): median seconds per
+step over --repeats rounds after warm-up, compile time apart. FLOPs are
+counted analytically (matrix products only) for the work each variant does;
+the FLOP rate is compared with a large matrix product timed in the same run.
+Imports only jax, flax, optax and mupc_flax's core, so it runs wherever JAX does.
+"""
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import flax
+import numpy as np
+import optax
+from flax import nnx
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import mupc_flax as mf  # noqa: E402
+import reference_pc  # noqa: E402
+
+IN_FEATURES, CLASSES = 784, 10
+
+
+@dataclasses.dataclass
+class Variant:
+  name: str
+  step: object  # callable(state) -> state, blocks on the result
+  state: object
+  flops: float
+  compile_seconds: float = float("nan")
+  memory_bytes: float = float("nan")
+  times: list = dataclasses.field(default_factory=list)
+
+
+def matmul_peak(dtype, n: int) -> float:
+  """FLOP/s of one n×n×n matrix product (median of 5)."""
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
+  b = jax.random.normal(jax.random.PRNGKey(1), (n, n), dtype)
+  f = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
+  jax.block_until_ready(f(a, b))
+  times = []
+  for _ in range(5):
+    start = time.perf_counter()
+    jax.block_until_ready(f(a, b))
+    times.append(time.perf_counter() - start)
+  return 2 * n ** 3 / statistics.median(times)
+
+
+def pc_step_flops(width: int, hidden: int, batch: int, blocks, algorithm: str = "pc") -> float:
+  """Matrix-product FLOPs of one training step (elementwise work ignored)."""
+  d, n, c, b = IN_FEATURES, width, CLASSES, batch
+  square, readout, inputs = 2 * b * n * n, 2 * b * n * c, 2 * b * d * n
+  forward = inputs + (hidden - 1) * square + readout
+  if algorithm == "bp":  # forward, then gradients w.r.t. activations and weights
+    return forward + 2 * ((hidden - 1) * square + readout) + inputs
+  inference = 0.0
+  for first, steps in blocks:
+    size = hidden - first  # layers in the block; size − 1 residual products
+    inference += steps * 2 * ((size - 1) * square + readout) + (square if first else 0)
+  final = (hidden - 1) * square + readout  # errors at the final activities
+  weight_grads = inputs + (hidden - 1) * square + readout
+  return forward + readout + inference + final + weight_grads
+
+
+def _batch(batch: int):
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((batch, IN_FEATURES)).astype(np.float32)
+  y = np.eye(CLASSES, dtype=np.float32)[rng.integers(0, CLASSES, batch)]
+  return jnp.asarray(x), jnp.asarray(y)
+
+
+def ours(name, width, hidden, batch, mesh, *, algorithm="pc", **options) -> Variant:
+  """mupc_flax's train step; ``options`` go to the model and to Inference."""
+  model_options = {k: options.pop(k) for k in ("hidden_products", "matmul_dtype") if k in options}
+  split = options.pop("split", None)
+  model = mf.ResidualPCN(IN_FEATURES, width, hidden, CLASSES, rngs=nnx.Rngs(0), **model_options)
+  optimizer = nnx.Optimizer(model, optax.adam(0.1), wrt=nnx.Param)
+  inference = mf.Inference(hidden, 0.5, **options) if algorithm == "pc" else None
+  step = mf.make_train_step(model, optimizer, mesh, algorithm=algorithm, inference=inference,
+                            split=split)
+  x, y = _batch(batch)
+  state = (nnx.state(model), nnx.state(optimizer))
+  start = time.perf_counter()
+  compiled = [lowered.compile() for lowered in step.lower(*state, x, y)]
+  compile_seconds = time.perf_counter() - start
+  # Peak scratch memory of the compiled parts (the larger one: they run in turn).
+  memory = max(getattr(c.memory_analysis(), "temp_size_in_bytes", float("nan")) for c in compiled)
+
+  def run(state):
+    model_state, opt_state, metrics = step(*state, x, y)
+    jax.block_until_ready(metrics)
+    return model_state, opt_state
+
+  blocks = mf.pc._blocks(hidden, inference) if inference else ()
+  return Variant(name, run, state, pc_step_flops(width, hidden, batch, blocks, algorithm),
+                 compile_seconds, memory)
+
+
+def reference(name, width, hidden, batch, host_loop: bool) -> Variant:
+  weights, scales = reference_pc.init(jax.random.PRNGKey(0), IN_FEATURES, width, hidden, CLASSES)
+  host_step, jitted_step, tx = reference_pc.make_steps(scales, hidden, 0.5, 0.1)
+  x, y = _batch(batch)
+  state = (weights, tx.init(weights))
+  step = host_step if host_loop else jitted_step
+  start = time.perf_counter()
+  jax.block_until_ready(step(*state, x, y))
+  compile_seconds = time.perf_counter() - start  # includes one run
+
+  def run(state):
+    return jax.block_until_ready(step(*state, x, y))
+
+  return Variant(name, run, state, pc_step_flops(width, hidden, batch, ((0, hidden),)), compile_seconds)
+
+
+def measure(variants: list[Variant], repeats: int, warmup: int = 2) -> None:
+  for v in variants:
+    for _ in range(warmup):
+      v.state = v.step(v.state)
+  for _ in range(repeats):  # round-robin: every variant sees the same machine load
+    for v in variants:
+      start = time.perf_counter()
+      v.state = v.step(v.state)
+      v.times.append(time.perf_counter() - start)
+
+
+def peak_memory() -> str:
+  stats = jax.local_devices()[0].memory_stats() or {}
+  return f"{stats['peak_bytes_in_use'] / 2**20:.0f} MiB" if "peak_bytes_in_use" in stats else "n/a"
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--configs", default="128x8,256x32", help="WIDTHxHIDDEN, comma-separated")
+  parser.add_argument("--batch", type=int, default=64)
+  parser.add_argument("--repeats", type=int, default=10)
+  parser.add_argument("--levers", action="store_true", help="also time each lever on and off")
+  parser.add_argument("--no-reference", action="store_true", help="skip the reference designs")
+  parser.add_argument("--json", help="write the results to this file")
+  args = parser.parse_args()
+
+  device = jax.local_devices()[0]
+  mesh = mf.make_mesh(jax.local_devices()[:1])
+  peak_size = 4096 if device.platform == "gpu" else 2048
+  peaks = {name: matmul_peak(jnp.dtype(name), peak_size) for name in ("float32", "bfloat16")}
+  header = (f"{datetime.date.today()} | {device.device_kind} ({device.platform}), "
+            f"{os.cpu_count()} CPUs | jax {jax.__version__}, flax {flax.__version__}, "
+            f"python {platform.python_version()}")
+  print(header)
+  print(f"matmul peak ({peak_size}³): float32 {peaks['float32'] / 1e9:.1f} GFLOP/s, "
+        f"bfloat16 {peaks['bfloat16'] / 1e9:.1f} GFLOP/s")
+
+  rows = []
+  for config in args.configs.split(","):
+    width, hidden = map(int, config.lower().split("x"))
+    b = args.batch
+    variants = [ours("mupc_flax", width, hidden, b, mesh)]
+    if not args.no_reference:
+      variants += [reference("reference, fully jitted", width, hidden, b, host_loop=False),
+                   reference("reference, host loop", width, hidden, b, host_loop=True)]
+    variants.append(ours("mupc_flax BP", width, hidden, b, mesh, algorithm="bp"))
+    if args.levers:
+      variants += [
+          ours("lever: plain schedule", width, hidden, b, mesh, schedule="plain"),
+          ours("lever: wavefront, 4 phases", width, hidden, b, mesh, phases=4),
+          ours(f"lever: wavefront, {hidden} phases", width, hidden, b, mesh, phases=hidden),
+          ours("lever: batched products", width, hidden, b, mesh, hidden_products="batched"),
+          ours("lever: per-layer products", width, hidden, b, mesh, hidden_products="per_layer"),
+          ours("lever: bfloat16 products", width, hidden, b, mesh, matmul_dtype="bfloat16"),
+          ours("lever: one compiled function", width, hidden, b, mesh, split=False),
+          ours("lever: two compiled functions", width, hidden, b, mesh, split=True),
+      ]
+    measure(variants, args.repeats)
+    best_reference = min((statistics.median(v.times) for v in variants if v.name.startswith("reference")),
+                         default=float("nan"))
+    for v in variants:
+      seconds = statistics.median(v.times)
+      rows.append({
+          "config": f"{width}x{hidden}", "variant": v.name, "seconds": seconds,
+          "examples_per_second": b / seconds, "compile_seconds": v.compile_seconds,
+          "gflop": v.flops / 1e9, "gflop_per_second": v.flops / seconds / 1e9,
+          "fraction_of_peak": v.flops / seconds / peaks["float32"],
+          "speedup_vs_best_reference": best_reference / seconds,
+          "temp_mib": v.memory_bytes / 2**20,
+      })
+    print(f"  {config}: done ({len(variants)} variants × {args.repeats} rounds)", flush=True)
+
+  print()
+  print(header)
+  print(f"| config | variant | s/step (median) | examples/s | compile s | GFLOP/step | GFLOP/s | of f32 peak | vs best reference | temp MiB |")
+  print("|---|---|---|---|---|---|---|---|---|---|")
+  for r in rows:
+    print(f"| {r['config']} | {r['variant']} | {r['seconds']:.4f} | {r['examples_per_second']:.0f} | "
+          f"{r['compile_seconds']:.1f} | {r['gflop']:.2f} | {r['gflop_per_second']:.1f} | "
+          f"{r['fraction_of_peak']:.0%} | {r['speedup_vs_best_reference']:.2f}× | {r['temp_mib']:.1f} |")
+  print(f"device peak memory: {peak_memory()}")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"header": header, "peaks": peaks, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()
