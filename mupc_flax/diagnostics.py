@@ -148,6 +148,12 @@ def coordinate_check(widths, hidden_layers: int, x: jax.Array, y: jax.Array, *,
   curve is flat in width. Returns {width: [steps + 1, H + 1] array}.
   """
   inference = pc.Inference(hidden_layers, inference_lr)
+
+  @nnx.jit
+  def train_step(model, optimizer):
+    grads, _ = pc.pc_gradients(model, x, y, inference)
+    optimizer.update(model, grads)
+
   out = {}
   for width in widths:
     model = ResidualPCN(x.shape[1], width, hidden_layers, y.shape[1], activation=activation,
@@ -155,8 +161,7 @@ def coordinate_check(widths, hidden_layers: int, x: jax.Array, y: jax.Array, *,
     optimizer = nnx.Optimizer(model, optax.adam(learning_rate), wrt=nnx.Param)
     rows = [activity_rms(model, x)]
     for _ in range(steps):
-      grads, _ = pc.pc_gradients(model, x, y, inference)
-      optimizer.update(model, grads)
+      train_step(model, optimizer)
       rows.append(activity_rms(model, x))
     out[width] = np.stack(rows)
   return out

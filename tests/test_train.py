@@ -158,6 +158,10 @@ def test_smoke_run_writes_metrics_events_and_checkpoints(tmp_path, mnist_data_di
   assert evals[-1]["examples"] == 10_000 and evals[-1]["accuracy"] > 0.3  # chance is 0.1
   assert train_records[-1]["loss"] < train_records[0]["loss"]
   assert len(train_records[0]["layer_energies"]) == 5  # H = 4 hidden layers + output
+  # Which layers learn: per-matrix update norms (train) and change from init (eval).
+  assert len(train_records[0]["update_norms"]) == 5 and min(train_records[0]["update_norms"]) >= 0
+  change = evals[-1]["weight_change"]
+  assert len(change) == 5 and change[-1] > 0  # the readout moved
   assert train_records[0]["examples_per_second"] > 0 and "eta_seconds" in train_records[0]
   assert checkpoint_steps(tmp_path) == [30, 60]
   assert (tmp_path / "config.json").exists()
