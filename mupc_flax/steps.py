@@ -43,7 +43,8 @@ def make_train_step(model: ResidualPCN, optimizer: nnx.Optimizer,
       runtime a compiled loop runs up to 2× slower when work follows it in the
       same program, so None means True on CPU when this process drives one
       device, else False. (Several CPU devices in one process must not
-      interleave two programs with collectives: the CPU runtime can deadlock.)
+      interleave two programs with collectives: the CPU runtime can deadlock;
+      there each step also waits for its result, see ``_must_wait``.)
 
   Returns:
     ``step(model_state, opt_state, x [B, D], y [B, C]) -> (model_state,
@@ -133,12 +134,27 @@ def make_train_step(model: ResidualPCN, optimizer: nnx.Optimizer,
     def lower(*args):
       return [step.lower(*args)]
 
+  wait = _must_wait(mesh)
+
   def train_step(model_state, opt_state, x, y):
     sharding.check_batch_size(x.shape[0], mesh)
-    return step(model_state, opt_state, x, y)
+    out = step(model_state, opt_state, x, y)
+    return jax.block_until_ready(out) if wait else out
 
   train_step.lower = lower
   return train_step
+
+
+def _must_wait(mesh: jax.sharding.Mesh) -> bool:
+  """Whether a step must wait for its result before returning.
+
+  XLA's in-process CPU collectives (several CPU devices in one process, as in
+  the tests and device emulation) intermittently deadlock when executions of
+  a program with collectives queue up behind one another: seen with jax
+  0.10.2 as "Expected 8 threads to join the rendezvous, but only 7 of them
+  arrived". One device per process, and every GPU or TPU, keeps async dispatch.
+  """
+  return jax.default_backend() == "cpu" and len(mesh.local_devices) > 1
 
 
 def _layer_norms(params: nnx.State) -> jax.Array:
@@ -172,8 +188,11 @@ def make_eval_step(model: ResidualPCN, mesh: jax.sharding.Mesh | None = None, *,
   replicated, batch = sharding.replicated(mesh), sharding.batch_sharded(mesh)
   step = jax.jit(sums, in_shardings=(replicated, batch, batch, batch), out_shardings=replicated)
 
+  wait = _must_wait(mesh)
+
   def eval_step(model_state, x, y, mask):
     sharding.check_batch_size(x.shape[0], mesh)
-    return step(model_state, x, y, mask)
+    out = step(model_state, x, y, mask)
+    return jax.block_until_ready(out) if wait else out
 
   return eval_step

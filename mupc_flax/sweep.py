@@ -122,11 +122,7 @@ def main(argv):
     _spawn_workers(_WORKERS.value)
   else:
     index, count = map(int, (_WORKER.value or "0/1").split("/"))
-    data_dir = config.data.data_dir or data.default_data_dir()
-    data.prepare(config.data.name, data_dir, manual_dir=config.data.manual_dir or None,
-                 url=config.data.download_url or None)
-    splits = tuple(data.Split(config.data.name, split, data_dir, in_memory=config.data.in_memory)
-                   for split in ("train", "test"))
+    splits = train.load_splits(config)  # loaded once, shared by every run of this worker
     for name, point in points[index::count]:
       row = run_point(name, point, workdir, splits)
       logging.info("%s: %s", name, {k: row.get(k) for k in ("status", "min_train_loss", "test_accuracy")})

@@ -132,6 +132,16 @@ def _layer_diagnostics(config, model: ResidualPCN, model_state, initial_params,
   return out
 
 
+def load_splits(config) -> tuple[data.Split, data.Split]:
+  """The (train, test) splits of ``config.data``, prepared on first use
+  (atomically, so concurrent processes are safe)."""
+  data_dir = config.data.data_dir or data.default_data_dir()
+  data.prepare(config.data.name, data_dir, manual_dir=config.data.manual_dir or None,
+               url=config.data.download_url or None)
+  return tuple(data.Split(config.data.name, split, data_dir, in_memory=config.data.in_memory)
+               for split in ("train", "test"))
+
+
 def train_and_evaluate(config, workdir: str,
                        splits: tuple[data.Split, data.Split] | None = None) -> dict:
   """Trains and evaluates as ``config`` says; returns the final eval metrics.
@@ -147,14 +157,7 @@ def train_and_evaluate(config, workdir: str,
   logging.info("Process %d of %d; %d devices in the mesh (%d local); workdir %s",
                jax.process_index(), jax.process_count(), mesh.size, jax.local_device_count(), workdir)
 
-  # Data: prepared on first use (atomically, so concurrent processes are safe).
-  if splits is None:
-    data_dir = config.data.data_dir or data.default_data_dir()
-    data.prepare(config.data.name, data_dir, manual_dir=config.data.manual_dir or None,
-                 url=config.data.download_url or None)
-    splits = tuple(data.Split(config.data.name, split, data_dir, in_memory=config.data.in_memory)
-                   for split in ("train", "test"))
-  train_split, test_split = splits
+  train_split, test_split = splits or load_splits(config)
   batch_size = config.train.batch_size
   steps_per_epoch = len(train_split) // batch_size
   num_steps = config.train.num_steps or config.train.num_epochs * steps_per_epoch

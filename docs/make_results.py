@@ -1,0 +1,186 @@
+"""Runs the CPU experiments of docs/results.md and draws its figures.
+
+    MUPC_MNIST_DIR=../shared/data/mnist python docs/make_results.py --workdir=/tmp/mupc_results
+
+Every training run is an ordinary run in its own workdir under --workdir
+(rerunning resumes and skips finished runs); figures go to docs/figures/ and
+the numbers to docs/results.json. About an hour on 2 CPU cores.
+"""
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import mupc_flax as mf
+from mupc_flax import data, diagnostics, metrics, plots, sweep
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+FIGURES = REPO / "docs" / "figures"
+
+
+def load_config(path: str, arg: str | None = None):
+  sys.path.insert(0, str(REPO))
+  spec = importlib.util.spec_from_file_location("config_file", REPO / path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def last_eval(workdir: pathlib.Path) -> dict:
+  return [r for r in metrics.read(workdir / "metrics.jsonl") if r["split"] == "eval"][-1]
+
+
+def depth_study(workdir, splits, data_dir, width=128, depths=(8, 16, 32)) -> dict:
+  """(1) + (2): 1 epoch of MNIST per depth for standard PC, μPC and BP."""
+  methods = {"standard PC": "sp", "μPC": "", "BP (Depth-μP)": "bp"}
+  results = {}
+  for label, variant in methods.items():
+    for depth in depths:
+      arg = ",".join(filter(None, [f"width={width}", f"hidden_layers={depth}", variant]))
+      config = load_config("configs/mnist_depth.py", arg)
+      config.data.data_dir = data_dir
+      config.checkpoint_every_steps = 10_000
+      name = f"{variant or 'mupc'}_w{width}_h{depth}"
+      row = sweep.run_point(name, config, workdir / "depth", splits)
+      evaluation = last_eval(workdir / "depth" / "runs" / name) if row["status"] == "ok" else {}
+      results.setdefault(label, []).append({
+          "hidden_layers": depth, "status": row["status"], "test_accuracy": row.get("test_accuracy"),
+          "seconds": row["seconds"], "weight_change": evaluation.get("weight_change")})
+      print(label, depth, row["status"], row.get("test_accuracy"), flush=True)
+  return results
+
+
+def gradient_profile(x, y, width=128, depths=(8, 16, 32)) -> dict:
+  """Per-layer norm of the PC weight gradient on one batch at init (paper's β, B)."""
+  out = {}
+  for depth in depths:
+    model = mf.ResidualPCN(x.shape[1], width, depth, 10, rngs=nnx.Rngs(0))
+    grads, _ = mf.pc_gradients(model, x, y, mf.Inference(depth, 0.5))
+    out[depth] = diagnostics.layer_norms(jax.device_get(grads)).tolist()
+  return out
+
+
+def transfer_study(workdir, splits, data_dir, steps: int) -> dict:
+  """(3): minimum training loss over an (η, β) grid, two widths and two depths."""
+  learning_rates, inference_lrs = ["0.5", "0.1", "0.05", "0.01"], ["5", "1", "0.5", "0.1", "0.05"]
+  studies = {"mupc_widths": ("", {"widths": ["64", "256"], "depths": ["8"]}),
+             "mupc_depths": ("", {"widths": ["128"], "depths": ["8", "32"]}),
+             "sp_widths": ("sp", {"widths": ["64", "256"], "depths": ["8"]})}
+  out = {}
+  for study, (variant, axes) in studies.items():
+    config = load_config("configs/mnist_depth.py", variant or None)
+    config.data.data_dir = data_dir
+    config.train.num_steps = steps
+    config.log_every_steps = 25
+    config.eval_every_steps = steps
+    config.checkpoint_every_steps = steps
+    points = sweep.grid(config, learning_rates, inference_lrs, **axes)
+    for name, point in points:
+      sweep.run_point(name, point, workdir / study, splits)
+    out[study] = sweep.collect(workdir / study, [name for name, _ in points])
+  return out
+
+
+def hessian_study(x, y) -> list[dict]:
+  """(4): condition number of the activity Hessian at init, one test example."""
+  rows = []
+  for parameterization in ("mupc", "sp"):
+    for width in (16, 32, 64, 128):
+      for depth in (2, 4, 8, 16, 32):
+        if width * depth > 4096:
+          continue
+        model = mf.ResidualPCN(x.shape[1], width, depth, 10, parameterization=parameterization,
+                               rngs=nnx.Rngs(0))
+        spectrum = diagnostics.hessian_spectrum(model, jnp.asarray(x[0]), jnp.asarray(y[0]))
+        rows.append({"parameterization": parameterization, "width": width, "hidden_layers": depth}
+                    | spectrum)
+        print("hessian", parameterization, width, depth, f"{spectrum['condition']:.3g}", flush=True)
+  return rows
+
+
+def hessian_during_training(workdir, splits, data_dir) -> list[tuple[int, float]]:
+  config = load_config("configs/mnist_depth.py", "width=64,hidden_layers=8")
+  config.data.data_dir = data_dir
+  config.log_hessian = True
+  config.eval_every_steps = 94
+  config.checkpoint_every_steps = 10_000
+  sweep.run_point("hessian_w64_h8", config, workdir / "hessian", splits)
+  log = metrics.read(workdir / "hessian" / "runs" / "hessian_w64_h8" / "metrics.jsonl")
+  return [(r["step"], r["hessian_condition"]) for r in log if r["split"] == "eval"]
+
+
+def cosine_study() -> list[dict]:
+  """(6): PC–BP gradient cosine at the inference equilibrium, linear μPC nets."""
+  x = np.random.default_rng(1).standard_normal((8, 16)).astype(np.float32)
+  y = np.eye(4, dtype=np.float32)[np.arange(8) % 4]
+  rows = []
+  for width, depth in [(8, 4), (32, 4), (128, 4), (512, 4), (8, 16), (32, 16), (128, 16), (512, 16)]:
+    model = mf.ResidualPCN(16, width, depth, 4, activation="linear", rngs=nnx.Rngs(0))
+    agreement = diagnostics.pc_bp_agreement(model, x, y, mf.Inference(2000, 0.2 * 8, "plain"))
+    rows.append({"width": width, "hidden_layers": depth, "cosine": agreement["cosine"]})
+    print("cosine", width, depth, round(agreement["cosine"], 4), flush=True)
+  return rows
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--transfer_steps", type=int, default=300)
+  args = parser.parse_args()
+  workdir = pathlib.Path(args.workdir)
+  data_dir = str(workdir / "tfds")
+  data.prepare("mnist", data_dir, manual_dir=os.environ.get("MUPC_MNIST_DIR"))
+  splits = tuple(data.Split("mnist", s, data_dir) for s in ("train", "test"))
+  test = data.pipeline.preprocess(*splits[1].read(np.arange(64)), splits[1].spec)
+  x, y = jnp.asarray(test["x"]), jnp.asarray(test["y"])
+
+  results = {"depth": depth_study(workdir, splits, data_dir)}
+  results["gradient_profile"] = gradient_profile(x, y)
+  results["transfer"] = transfer_study(workdir, splits, data_dir, args.transfer_steps)
+  results["hessian"] = hessian_study(x, y)
+  results["hessian_training"] = hessian_during_training(workdir, splits, data_dir)
+  results["coordinate_check"] = {
+      p: {w: v.tolist() for w, v in diagnostics.coordinate_check(
+          (64, 128, 256, 512, 1024), 8, x, y, parameterization=p, steps=3).items()}
+      for p in ("mupc", "sp")}
+  results["cosine"] = cosine_study()
+  (REPO / "docs" / "results.json").write_text(json.dumps(results, indent=1, default=float))
+
+  FIGURES.mkdir(parents=True, exist_ok=True)
+  plots.accuracy_vs_depth({k: [(r["hidden_layers"], r["test_accuracy"] or 0.0) for r in v]
+                           for k, v in results["depth"].items()},
+                          FIGURES / "accuracy_vs_depth.png", title="MNIST, 1 epoch, N = 128")
+  mupc_runs = {f"μPC, H = {r['hidden_layers']}": r["weight_change"] for r in results["depth"]["μPC"]}
+  plots.layer_learning(mupc_runs | {f"BP, H = {r['hidden_layers']}": r["weight_change"]
+                                    for r in results["depth"]["BP (Depth-μP)"]},
+                       FIGURES / "layer_learning.png")
+  beta_over_b = 0.5 / 64
+  plots.layer_learning(
+      {f"H = {h}": v[:-1] for h, v in results["gradient_profile"].items()},
+      FIGURES / "gradient_profile.png", ylabel="‖∂F/∂W_ℓ‖ at init (one batch)",
+      reference={f"(β/B)^k, H = {h}": np.asarray(v[-2]) * beta_over_b ** np.arange(h - 1, -1, -1.0)
+                 for h, v in results["gradient_profile"].items()})
+  for study, rows in results["transfer"].items():
+    by = "width" if "widths" in study else "hidden_layers"
+    plots.lr_transfer(rows, FIGURES / f"transfer_{study}.png", by=by)
+  plots.hessian_condition(results["hessian"], FIGURES / "hessian_condition.png")
+  plots.coordinate_check({p: {int(w): np.asarray(v) for w, v in d.items()}
+                          for p, d in results["coordinate_check"].items()},
+                         FIGURES / "coordinate_check.png")
+  runs = {f"{k}, H = 32": workdir / "depth" / "runs" / f"{v}_w128_h32"
+          for k, v in {"standard PC": "sp", "μPC": "mupc", "BP": "bp"}.items()}
+  plots.training_curves({k: str(v) for k, v in runs.items()}, FIGURES / "training_curves.png")
+  print("done:", FIGURES)
+
+
+if __name__ == "__main__":
+  main()
