@@ -167,7 +167,11 @@ class _Start(NamedTuple):
 
 def _start(model: ResidualPCN, z: jax.Array, errors: jax.Array | None) -> _Start:
   per_layer = model.hidden_products == "per_layer"
-  return _Start(_layout(z, per_layer), _layout(model.phi(z), per_layer),
+  # The barrier makes XLA compute z⁰ and φ(z⁰) once. Otherwise it may
+  # recompute z⁰ inside the fusions that use it, rounded differently
+  # (seen: one ulp), and φ(z⁰ + δ) − φ(z⁰) is no longer exactly zero where δ is.
+  z, phi = jax.lax.optimization_barrier((z, model.phi(z)))
+  return _Start(_layout(z, per_layer), _layout(phi, per_layer),
                 None if errors is None else _layout(errors, per_layer))
 
 
