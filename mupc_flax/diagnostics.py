@@ -16,10 +16,17 @@ from mupc_flax.model import ResidualPCN
 DENSE_LIMIT = 8192  # NH up to which the Hessian is formed explicitly
 
 
-def _flat_energy(model: ResidualPCN, x: jax.Array, y: jax.Array, loss: pc.Loss):
-  """F as a function of the flattened hidden activities z [H·N] of one sample."""
+def _activity_hvp(model: ResidualPCN, x: jax.Array, y: jax.Array, z: jax.Array | None,
+                  loss: pc.Loss):
+  """(hvp, z): v [H·N] -> (∂²F/∂z²) v for one sample, and the flattened z [H·N]
+  it is taken at (given as [H, N], default: the feed-forward pass)."""
+  if z is None:
+    z = model.feedforward(x[None])[:, 0]
   shape = (model.hidden_layers, 1, model.width)
-  return lambda z: pc.energy(model, z.reshape(shape), x[None], y[None], loss=loss)
+  energy = lambda activities: pc.energy(model, activities.reshape(shape), x[None], y[None],
+                                        loss=loss)
+  flat = z.reshape(-1)
+  return (lambda v: jax.jvp(jax.grad(energy), (flat,), (v,))[1]), flat
 
 
 def activity_hessian(model: ResidualPCN, x: jax.Array, y: jax.Array, *, z: jax.Array | None = None,
@@ -33,11 +40,7 @@ def activity_hessian(model: ResidualPCN, x: jax.Array, y: jax.Array, *, z: jax.A
   Formed column by column from Hessian-vector products (one vmap), which is
   exact; use ``hessian_spectrum`` for the extreme eigenvalues of big models.
   """
-  if z is None:
-    z = model.feedforward(x[None])[:, 0]
-  f = _flat_energy(model, x, y, loss)
-  flat = z.reshape(-1)
-  hvp = lambda v: jax.jvp(jax.grad(f), (flat,), (v,))[1]
+  hvp, flat = _activity_hvp(model, x, y, z, loss)
   return jax.vmap(hvp)(jnp.eye(flat.size, dtype=flat.dtype))
 
 
@@ -81,11 +84,7 @@ def hessian_spectrum(model: ResidualPCN, x: jax.Array, y: jax.Array, *, z: jax.A
     eigenvalues = np.linalg.eigvalsh(np.asarray(hessian, np.float64))
     low, high = float(eigenvalues[0]), float(eigenvalues[-1])
   elif method == "lanczos":
-    if z is None:
-      z = model.feedforward(x[None])[:, 0]
-    f = _flat_energy(model, x, y, loss)
-    flat = z.reshape(-1)
-    hvp = jax.jit(lambda v: jax.jvp(jax.grad(f), (flat,), (v,))[1])
+    hvp = jax.jit(_activity_hvp(model, x, y, z, loss)[0])
     low, high = _lanczos_extremes(hvp, size, min(iterations, size), jax.random.PRNGKey(seed))
   else:
     raise ValueError(f"Unknown method {method!r}; choose 'auto', 'dense' or 'lanczos'.")
@@ -127,9 +126,13 @@ def relative_weight_change(initial, current) -> np.ndarray:
                    for w0, w in zip(layer_kernels(initial), layer_kernels(current))])
 
 
-def layer_norms(params) -> np.ndarray:
-  """Frobenius norm of each of the L weight matrices (e.g. of a gradient or an update)."""
-  return np.array([np.linalg.norm(w) for w in layer_kernels(params)])
+def layer_norms(params) -> jax.Array:
+  """Frobenius norm of each of the L weight matrices (e.g. of a gradient or an
+  update), bottom to top [L]. Traceable: the train step logs it per update."""
+  params = nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params
+  hidden = jnp.sqrt(jnp.sum(jnp.square(params["hidden"]["kernel"]), axis=(1, 2)))
+  return jnp.concatenate([jnp.linalg.norm(params["input_layer"]["kernel"])[None], hidden,
+                          jnp.linalg.norm(params["readout"]["kernel"])[None]])
 
 
 def activity_rms(model: ResidualPCN, x: jax.Array) -> np.ndarray:

@@ -5,7 +5,7 @@ outputs [B, C]. Layers are indexed from 0 in code: ``z[0]`` is z_1 of the
 paper and ``hidden.kernel[k]`` maps ``z[k]`` to the prediction of ``z[k+1]``.
 """
 
-from typing import Callable, Literal
+from typing import Callable, Literal, get_args
 
 import jax
 import jax.numpy as jnp
@@ -129,7 +129,7 @@ class ResidualPCN(nnx.Module):
         raise ValueError(f"ResidualPCN needs {name} to be a positive integer, got {value!r}.")
     if activation not in ACTIVATIONS:
       raise ValueError(f"Unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}.")
-    if hidden_products not in ("auto", "batched", "per_layer"):
+    if hidden_products not in get_args(HiddenProducts):
       raise ValueError(f"hidden_products must be 'auto', 'batched' or 'per_layer', got "
                        f"{hidden_products!r}.")
     if matmul_dtype not in MATMUL_DTYPES:

@@ -19,7 +19,7 @@ gradient), and small activity changes keep full relative precision.
 
 import dataclasses
 import math
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
@@ -55,7 +55,7 @@ class Inference:
   def __post_init__(self):
     if not isinstance(self.steps, int) or self.steps < 0:
       raise ValueError(f"Inference steps must be a non-negative integer, got {self.steps!r}.")
-    if self.schedule not in ("plain", "wavefront"):
+    if self.schedule not in get_args(Schedule):
       raise ValueError(f"Unknown inference schedule {self.schedule!r}; choose 'plain' or 'wavefront'.")
     if not isinstance(self.phases, int) or self.phases < 1:
       raise ValueError(f"Inference phases must be a positive integer, got {self.phases!r}.")

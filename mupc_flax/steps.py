@@ -12,15 +12,14 @@ metrics); the states come from ``nnx.state(model)`` and
 ``nnx.state(optimizer)`` and are donated: write them back with ``nnx.update``.
 """
 
-from typing import Callable, Literal
+from typing import Callable, Literal, get_args
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from mupc_flax import pc
-from mupc_flax import sharding
+from mupc_flax import diagnostics, pc, sharding
 from mupc_flax.model import ResidualPCN
 
 Algorithm = Literal["pc", "bp"]
@@ -55,7 +54,7 @@ def make_train_step(model: ResidualPCN, optimizer: nnx.Optimizer,
   """
   if algorithm == "pc" and inference is None:
     raise ValueError("The PC train step needs inference=Inference(steps=…, lr=…).")
-  if algorithm not in ("pc", "bp"):
+  if algorithm not in get_args(Algorithm):
     raise ValueError(f"Unknown algorithm {algorithm!r}; choose 'pc' or 'bp'.")
   mesh = mesh or sharding.make_mesh()
   if split is None:
@@ -97,7 +96,7 @@ def make_train_step(model: ResidualPCN, optimizer: nnx.Optimizer,
     model = nnx.merge(model_def, model_state)
     optimizer = nnx.merge(opt_def, opt_state)
     updates = optimizer.update(model, grads)  # what was added to the weights
-    return nnx.state(model), nnx.state(optimizer), _layer_norms(updates)
+    return nnx.state(model), nnx.state(optimizer), diagnostics.layer_norms(updates)
 
   replicated, batch = sharding.replicated(mesh), sharding.batch_sharded(mesh)
   if split and algorithm == "pc":
@@ -155,14 +154,6 @@ def _must_wait(mesh: jax.sharding.Mesh) -> bool:
   arrived". One device per process, and every GPU or TPU, keeps async dispatch.
   """
   return jax.default_backend() == "cpu" and len(mesh.local_devices) > 1
-
-
-def _layer_norms(params: nnx.State) -> jax.Array:
-  """Frobenius norm of each weight matrix of a ResidualPCN-shaped state, bottom to top [L]."""
-  hidden = params["hidden"]["kernel"][...]
-  return jnp.concatenate([jnp.linalg.norm(params["input_layer"]["kernel"][...])[None],
-                          jnp.sqrt(jnp.sum(jnp.square(hidden), axis=(1, 2))),
-                          jnp.linalg.norm(params["readout"]["kernel"][...])[None]])
 
 
 def make_eval_step(model: ResidualPCN, mesh: jax.sharding.Mesh | None = None, *,

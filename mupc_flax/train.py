@@ -12,6 +12,7 @@ import pathlib
 import signal
 import threading
 import time
+from typing import get_args
 
 import jax
 import numpy as np
@@ -20,7 +21,7 @@ from absl import logging
 from flax import nnx
 
 from mupc_flax import checkpointing, data, diagnostics, metrics, pc, sharding, steps
-from mupc_flax.model import ACTIVATIONS, MATMUL_DTYPES, ResidualPCN
+from mupc_flax.model import ACTIVATIONS, MATMUL_DTYPES, HiddenProducts, ResidualPCN
 from mupc_flax.parameterization import PARAMETERIZATIONS
 
 
@@ -32,11 +33,11 @@ _CHOICES = {
     "data.name": data.DATASETS,
     "model.activation": tuple(ACTIVATIONS),
     "model.parameterization": tuple(PARAMETERIZATIONS),
-    "model.hidden_products": ("auto", "batched", "per_layer"),
+    "model.hidden_products": get_args(HiddenProducts),
     "model.matmul_dtype": tuple(MATMUL_DTYPES),
-    "train.algorithm": ("pc", "bp"),
-    "train.loss": ("mse", "ce"),
-    "train.schedule": ("plain", "wavefront"),
+    "train.algorithm": get_args(steps.Algorithm),
+    "train.loss": get_args(pc.Loss),
+    "train.schedule": get_args(pc.Schedule),
 }
 _POSITIVE = ("model.width", "model.hidden_layers", "train.batch_size", "train.num_epochs",
              "train.learning_rate", "train.phases", "log_every_steps", "eval_batch_size",
