@@ -62,6 +62,19 @@ def base_config() -> ml_collections.ConfigDict:
   return config
 
 
+def _parse_value(item: str, current, value: str):
+  """``value`` as the type of the field's current value."""
+  if isinstance(current, bool):
+    if value.lower() not in ("1", "true", "0", "false"):
+      raise ValueError(f"Config argument {item!r}: give true or false.")
+    return value.lower() in ("1", "true")
+  try:
+    return type(current)(value)
+  except ValueError:
+    raise ValueError(f"Config argument {item!r}: {value!r} is not a valid "
+                     f"{type(current).__name__}.") from None
+
+
 def apply_arg(config: ml_collections.ConfigDict, arg: str | None,
               bp_learning_rate: float = BP_LEARNING_RATE) -> ml_collections.ConfigDict:
   """Applies the variants and ``name=value`` overrides of a config argument."""
@@ -72,8 +85,7 @@ def apply_arg(config: ml_collections.ConfigDict, arg: str | None,
       if len(sections) != 1:
         raise ValueError(f"Config argument {item!r}: {name!r} is not a field of "
                          "config.model, config.train or config.data.")
-      field_type = type(sections[0][name])
-      sections[0][name] = value.lower() in ("1", "true") if field_type is bool else field_type(value)
+      sections[0][name] = _parse_value(item, sections[0][name], value)
     elif item == "smoke":
       config.model.width = 64
       config.model.hidden_layers = 4

@@ -3,8 +3,9 @@
 #
 #   launch/local.sh CONFIG WORKDIR [extra flags...]
 #   launch/local.sh configs/mnist_128.py ~/mupc_runs/mnist_128
-#   launch/local.sh configs/default.py:smoke /tmp/mupc/smoke --config.train.num_steps=100
+#   launch/local.sh configs/default.py:smoke runs/smoke --config.train.num_steps=100
 #
+# CONFIG and WORKDIR are relative to the current directory, as for any command.
 # Environment:
 #   PYTHON=python3      the interpreter of the environment mupc_flax is installed in
 #   PROCESSES=N         run N cooperating processes on this machine (jax.distributed over
@@ -15,7 +16,7 @@
 set -euo pipefail
 
 if [ $# -lt 2 ]; then
-  sed -n '2,16p' "$0" >&2
+  sed -n '2,18p' "$0" >&2
   exit 2
 fi
 config=$1
@@ -26,7 +27,8 @@ processes=${PROCESSES:-1}
 if [ -n "${CPU_DEVICES:-}" ]; then
   export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=${CPU_DEVICES}"
 fi
-cd "$(dirname "$0")/.."  # configs/ paths are relative to the repository root
+# The package is importable from this checkout even where it is not installed.
+export PYTHONPATH="$(cd "$(dirname "$0")/.." && pwd)${PYTHONPATH:+:$PYTHONPATH}"
 
 if [ "$processes" -eq 1 ]; then
   exec "$python" -m mupc_flax.main --config="$config" --workdir="$workdir" "$@"

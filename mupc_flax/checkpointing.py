@@ -5,7 +5,11 @@ A checkpoint holds four items: ``model`` (weights and premultipliers),
 this process), and ``meta`` (JSON: the step, the data seed and the examples
 seen; all randomness of training is the data order and augmentation, a pure
 function of the seed and the position the iterator state records).
-Saving is asynchronous; ``wait`` blocks until every save is on disk.
+Saving is asynchronous. A save that fails in the background is reported by
+the next ``check_saved`` (cheap: call it every step), by the next ``save``,
+or by ``wait``, as a ``SaveError``; the checkpoints before it stay, and the
+newest of them is what a rerun resumes from. Use the checkpointer as a
+context manager: leaving it waits for the last save, and raises if it failed.
 """
 
 import os
@@ -18,9 +22,15 @@ from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 from absl import logging
 
+from mupc_flax.errors import UserError
 
-class WorkdirError(Exception):
+
+class WorkdirError(UserError):
   """The workdir holds checkpoints this run cannot continue."""
+
+
+class SaveError(UserError):
+  """A checkpoint could not be written."""
 
 
 def _shapes(tree) -> dict[str, tuple]:
@@ -34,10 +44,13 @@ class Checkpointer:
   """Saves and restores training state in ``directory``, keeping the newest ``keep``."""
 
   def __init__(self, directory: str | os.PathLike, keep: int):
-    self.directory = os.fspath(directory)
+    self.directory = os.path.abspath(directory)  # Orbax writes only to absolute paths
+    self._pending: int | None = None  # the step whose save may still fail
     self._manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=True,
+            cleanup_tmp_directories=True),  # what a failed or killed save left behind
         item_handlers={"model": ocp.StandardCheckpointHandler(),
                        "optimizer": ocp.StandardCheckpointHandler(),
                        "data": grain.checkpoint.CheckpointHandler(),
@@ -47,11 +60,46 @@ class Checkpointer:
     return self._manager.latest_step()
 
   def save(self, step: int, model_state, opt_state, data_iterator, meta: dict) -> None:
-    self._manager.save(step, args=ocp.args.Composite(
-        model=ocp.args.StandardSave(model_state),
-        optimizer=ocp.args.StandardSave(opt_state),
-        data=grain.checkpoint.CheckpointSave(data_iterator),
-        meta=ocp.args.JsonSave(meta)), force=True)
+    """Starts saving ``step`` in the background, once the previous save is
+    known to have succeeded (SaveError if it did not)."""
+    self.wait()
+    self._pending = step
+    try:
+      self._manager.save(step, args=ocp.args.Composite(
+          model=ocp.args.StandardSave(model_state),
+          optimizer=ocp.args.StandardSave(opt_state),
+          data=grain.checkpoint.CheckpointSave(data_iterator),
+          meta=ocp.args.JsonSave(meta)), force=True)
+    except Exception as e:
+      raise self._save_error(e) from e
+
+  def check_saved(self) -> None:
+    """Without blocking: raises SaveError if the last save has finished and failed."""
+    if self._pending is not None and not self._manager.is_saving_in_progress():
+      self.wait()  # finished, so this returns at once
+
+  def wait(self) -> None:
+    """Blocks until the last save is on disk; raises SaveError if it failed."""
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:
+      raise self._save_error(e) from e
+    self._pending = None
+
+  def _save_error(self, cause: Exception) -> SaveError:
+    step, self._pending = self._pending, None
+    # From disk: Orbax's own list already lacks the steps this save was to replace.
+    kept = [s for s in self._manager.all_steps(read=True) if s != step]
+    if isinstance(cause, OSError) and cause.strerror:
+      reason = cause.strerror
+    else:  # Tensorstore's messages end with the operating system's reason
+      reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+      reason = reason if len(reason) <= 160 else "…" + reason.rsplit(": ", 1)[-1][-160:]
+    return SaveError(
+        f"Saving the checkpoint of step {step} in {self.directory} failed ({reason}). "
+        "The newest complete checkpoint is "
+        f"{f'step {max(kept)}' if kept else 'none'}: fix the cause (e.g. free disk space) and "
+        "rerun the same command to resume from it.")
 
   def check_compatible(self, step: int, model_state) -> None:
     """Refuses a workdir whose checkpoints hold a model of another shape."""
@@ -116,8 +164,15 @@ class Checkpointer:
     """Whether any process got a preemption notice (multi-process runs agree on the step)."""
     return self._manager.reached_preemption(step)
 
-  def wait(self) -> None:
-    self._manager.wait_until_finished()
+  def __enter__(self) -> "Checkpointer":
+    return self
 
-  def close(self) -> None:
-    self._manager.close()
+  def __exit__(self, exc_type, exc, tb) -> None:
+    if exc is None:
+      self.wait()
+      self._manager.close()
+      return
+    try:  # Already failing: finish the save in flight, but report the first error.
+      self._manager.close()
+    except Exception as e:
+      logging.warning("The checkpoint save in flight failed too (%s: %s).", type(e).__name__, e)

@@ -1,22 +1,21 @@
 """Trains and evaluates a predictive coding network.
 
-    python -m mupc_flax.main --config=configs/default.py --workdir=/tmp/mupc/default
-    python -m mupc_flax.main --config=configs/mnist_128.py --workdir=/tmp/mupc/128 \\
+    python -m mupc_flax.main --config=configs/default.py --workdir=runs/default
+    python -m mupc_flax.main --config=configs/mnist_128.py --workdir=runs/128 \\
         --config.train.batch_size=128
 
-Rerunning the same command resumes from the newest checkpoint in --workdir.
-Under SLURM (srun) or Open MPI with several tasks, or with --coordinator_address,
-every process joins one run; otherwise this is a plain single process.
+Paths may be relative to the current directory. Rerunning the same command
+resumes from the newest checkpoint in --workdir. Under SLURM (srun) or Open
+MPI with several tasks, or with --coordinator_address, every process joins
+one run; otherwise this is a plain single process. Any failure ends with one
+``error:`` line (``--traceback`` adds the traceback).
 """
-
-import logging as py_logging
-import sys
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mupc_flax import data, sharding, train
+from mupc_flax import cli, sharding, train
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, optionally with an argument: configs/x.py:smoke.",
@@ -29,26 +28,20 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in 
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _quiet_libraries(record: py_logging.LogRecord) -> bool:
-  """Keeps the console to this program's lines and every library warning."""
-  chatty = any(f"/{name}/" in record.pathname for name in ("orbax", "grain", "tensorflow_datasets"))
-  return record.levelno >= py_logging.WARNING or not chatty
-
-
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.get_absl_handler().addFilter(_quiet_libraries)
+    raise app.UsageError(f"Unexpected arguments {argv[1:]}: every option is a --flag=value.")
+  workdir = cli.resolve_path(_WORKDIR.value, "--workdir")
+  config = _CONFIG.value
+  cli.resolve_data_paths(config)
   sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   logging.info("JAX %s on %s: process %d of %d, %d devices (%d local).", jax.__version__,
                jax.default_backend(), jax.process_index(), jax.process_count(),
                jax.device_count(), jax.local_device_count())
-  try:
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (train.TrainingError, data.DataError) as e:
-    logging.error("%s", e)
-    sys.exit(f"error: {e}")
+  result = train.train_and_evaluate(config, workdir)
+  logging.info("Done: test accuracy %.2f %%, test loss %.4g. Metrics, checkpoints and config "
+               "are in %s.", 100 * result["accuracy"], result["loss"], workdir)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -49,6 +49,12 @@ class MetricWriter:
       self._jsonl.close()
       self._tensorboard.close()
 
+  def __enter__(self) -> "MetricWriter":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
 
 def truncate_after(path: pathlib.Path, step: int) -> None:
   """Drops the records after ``step`` (those of a run killed after its last

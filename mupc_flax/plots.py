@@ -2,21 +2,29 @@
 checks, per-layer learning and Hessian conditioning. Needs matplotlib
 (``pip install -e '.[plots]'``). Each function writes one image file.
 
-    python -m mupc_flax.plots sweep /tmp/sweep            # -> /tmp/sweep/lr_transfer.png
+    python -m mupc_flax.plots sweep runs/sweep            # -> runs/sweep/lr_transfer.png
     python -m mupc_flax.plots curves runs/a runs/b --out=curves.png
 """
 
+import importlib.util
+import json
 import math
 import pathlib
 import sys
 
-import matplotlib
+if __name__ == "__main__" and importlib.util.find_spec("matplotlib") is None:
+  sys.exit("error: the figures need matplotlib: pip install -e '.[plots]'.")
+
+import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mupc_flax import metrics  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from mupc_flax import cli, metrics  # noqa: E402
+from mupc_flax.errors import UserError, check_writable_dir  # noqa: E402
 
 
 def _save(fig, path) -> pathlib.Path:
@@ -155,19 +163,37 @@ def hessian_condition(rows: list[dict], path) -> pathlib.Path:
   return _save(fig, path)
 
 
+_OUT = flags.DEFINE_string("out", None, "Image file to write (default: lr_transfer.png in the "
+                           "sweep folder; curves.png in the current directory).")
+_USAGE = "usage: python -m mupc_flax.plots sweep SWEEP_DIR | curves WORKDIR... [--out=FILE]"
+
+
+def _records(folder: pathlib.Path, name: str, made_by: str) -> pathlib.Path:
+  if not (folder / name).is_file():
+    raise UserError(f"{folder} has no {name}; give a folder written by {made_by}.")
+  return folder / name
+
+
 def main(argv: list[str]) -> None:
-  if len(argv) >= 2 and argv[0] == "sweep":
-    import json
-    rows = json.loads((pathlib.Path(argv[1]) / "sweep.json").read_text())
+  command, folders = (argv[1], argv[2:]) if len(argv) > 2 else (None, [])
+  if command not in ("sweep", "curves") or (command == "sweep" and len(folders) != 1):
+    raise app.UsageError(f"{_USAGE} (got {argv[1:] or 'nothing'}).")
+  folders = [cli.resolve_path(f, command.upper()) for f in folders]
+  if command == "sweep":
+    rows = json.loads(_records(folders[0], "sweep.json", "python -m mupc_flax.sweep").read_text())
+    if not rows:
+      raise UserError(f"{folders[0]}/sweep.json holds no finished runs yet; rerun the sweep.")
+    out = cli.resolve_path(_OUT.value or folders[0] / "lr_transfer.png", "--out")
+    check_writable_dir(out.parent, "The folder of --out")
     by = "width" if len({r["width"] for r in rows}) > 1 else "hidden_layers"
-    print(lr_transfer(rows, pathlib.Path(argv[1]) / "lr_transfer.png", by=by))
-  elif len(argv) >= 2 and argv[0] == "curves":
-    out = next((a.split("=", 1)[1] for a in argv if a.startswith("--out=")), "curves.png")
-    runs = [a for a in argv[1:] if not a.startswith("--")]
-    print(training_curves({pathlib.Path(r).name: r for r in runs}, out))
+    print(lr_transfer(rows, out, by=by))
   else:
-    sys.exit("usage: python -m mupc_flax.plots sweep SWEEP_DIR | curves WORKDIR... [--out=FILE]")
+    for folder in folders:
+      _records(folder, "metrics.jsonl", "python -m mupc_flax.main (its --workdir)")
+    out = cli.resolve_path(_OUT.value or "curves.png", "--out")
+    check_writable_dir(out.parent, "The folder of --out")
+    print(training_curves({folder.name: folder for folder in folders}, out))
 
 
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  cli.run(main)

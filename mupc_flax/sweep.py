@@ -1,6 +1,6 @@
 """Learning-rate transfer sweeps: a grid of (η, β) over widths or depths.
 
-    python -m mupc_flax.sweep --config=configs/mnist_depth.py --workdir=/tmp/sweep \\
+    python -m mupc_flax.sweep --config=configs/mnist_depth.py --workdir=runs/sweep \\
         --learning_rates=0.5,0.1,0.05,0.01 --inference_lrs=10,1,0.5,0.1 --widths=64,256
 
 Every grid point is an ordinary training run of the config (with
@@ -26,7 +26,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mupc_flax import data, metrics, train
+from mupc_flax import cli, metrics, train
+from mupc_flax.errors import UserError, check_writable_dir
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Base config file (with its argument).",
                                           lock_config=True)
@@ -69,10 +70,8 @@ def run_point(name: str, config, workdir: pathlib.Path, splits=None) -> dict:
   try:
     final = train.train_and_evaluate(config, str(run_dir), splits=splits)
     row |= {"status": "ok", "test_accuracy": float(final["accuracy"]), "test_loss": float(final["loss"])}
-  except train.TrainingError as e:
+  except UserError as e:
     row |= {"status": "diverged" if "Non-finite" in str(e) else "error", "error": str(e)}
-  except data.DataError as e:
-    row |= {"status": "error", "error": str(e)}
   row["seconds"] = time.perf_counter() - start
   log = metrics.read(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
   losses = [r["loss"] for r in log if r["split"] == "train"]
@@ -109,14 +108,26 @@ def _spawn_workers(count: int) -> None:
                                        f"--worker={i}/{count}"], env=env))
   failed = [p.args for p in processes if p.wait() != 0]
   if failed:
-    raise app.Error(f"{len(failed)} sweep workers failed; rerun the command to resume them.")
+    raise UserError(f"{len(failed)} of {count} sweep workers failed (their errors are above); "
+                    "rerun the same command to resume their points.")
+
+
+def _numbers(flag, kind):
+  try:
+    return [kind(v) for v in flag.value]
+  except ValueError:
+    raise UserError(f"--{flag.name}={','.join(flag.value)}: give comma-separated "
+                    f"{'integers' if kind is int else 'numbers'}.") from None
 
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  config, workdir = _CONFIG.value, pathlib.Path(_WORKDIR.value)
-  points = grid(config, _LEARNING_RATES.value, _INFERENCE_LRS.value, _WIDTHS.value, _DEPTHS.value)
+    raise app.UsageError(f"Unexpected arguments {argv[1:]}: every option is a --flag=value.")
+  config, workdir = _CONFIG.value, cli.resolve_path(_WORKDIR.value, "--workdir")
+  cli.resolve_data_paths(config)
+  points = grid(config, _numbers(_LEARNING_RATES, float), _numbers(_INFERENCE_LRS, float),
+                _numbers(_WIDTHS, int), _numbers(_DEPTHS, int))
+  check_writable_dir(workdir, "The sweep directory")
   workdir.mkdir(parents=True, exist_ok=True)
   if _WORKERS.value > 1 and _WORKER.value is None:
     _spawn_workers(_WORKERS.value)
@@ -133,4 +144,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -8,6 +8,8 @@ at the end and on SIGTERM.
 """
 
 import contextlib
+import fcntl
+import os
 import pathlib
 import signal
 import threading
@@ -21,11 +23,12 @@ from absl import logging
 from flax import nnx
 
 from mupc_flax import checkpointing, data, diagnostics, metrics, pc, sharding, steps
+from mupc_flax.errors import UserError, check_writable_dir
 from mupc_flax.model import ACTIVATIONS, MATMUL_DTYPES, HiddenProducts, ResidualPCN
 from mupc_flax.parameterization import PARAMETERIZATIONS
 
 
-class TrainingError(Exception):
+class TrainingError(UserError):
   """The run cannot start or go on; the message says why and what to do."""
 
 
@@ -143,17 +146,39 @@ def load_splits(config) -> tuple[data.Split, data.Split]:
                for split in ("train", "test"))
 
 
-def train_and_evaluate(config, workdir: str,
+@contextlib.contextmanager
+def _exclusive(workdir: pathlib.Path):
+  """Holds a lock on ``workdir`` for the run (process 0 takes it for all), so
+  that a second run started on the same workdir stops at once instead of
+  interleaving its checkpoints and metrics with this one's."""
+  with open(workdir / ".lock", "w") as lock:
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      raise TrainingError(f"Another run is using the workdir {workdir}; wait for it to end, or "
+                          "use another --workdir.") from None
+    except OSError as e:  # some network filesystems have no locks
+      logging.warning("Cannot lock the workdir %s (%s); make sure no other run uses it.",
+                      workdir, e.strerror)
+    yield
+
+
+def train_and_evaluate(config, workdir: str | os.PathLike,
                        splits: tuple[data.Split, data.Split] | None = None) -> dict:
   """Trains and evaluates as ``config`` says; returns the final eval metrics.
 
-  ``splits``: the (train, test) splits already loaded (a sweep shares them
-  between runs); default: prepared if needed and loaded from the config's data.
+  Bad input raises a ``UserError`` before the workdir is created or touched.
+
+  Args:
+    config: the config (``configs/default.py`` documents its fields).
+    workdir: where checkpoints and metrics go; resumed if it holds a run.
+    splits: the (train, test) splits already loaded (a sweep shares them
+      between runs); default: prepared if needed and loaded from the config.
   """
   mesh = sharding.make_mesh()
   validate_config(config, mesh.size, jax.process_count())
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  workdir = pathlib.Path(workdir).absolute()
+  check_writable_dir(workdir, "The workdir")
   is_main = jax.process_index() == 0
   logging.info("Process %d of %d; %d devices in the mesh (%d local); workdir %s",
                jax.process_index(), jax.process_count(), mesh.size, jax.local_device_count(), workdir)
@@ -164,7 +189,7 @@ def train_and_evaluate(config, workdir: str,
   num_steps = config.train.num_steps or config.train.num_epochs * steps_per_epoch
   if num_steps == 0:
     raise TrainingError(f"The training split has {len(train_split)} examples, fewer than one "
-                        f"batch of {batch_size}.")
+                        f"batch of {batch_size}; lower config.train.batch_size.")
   eval_every = config.eval_every_steps or steps_per_epoch
   train_iterator = iter(data.train_dataset(
       train_split, global_batch_size=batch_size, seed=config.seed,  # endless: the loop counts
@@ -191,39 +216,38 @@ def train_and_evaluate(config, workdir: str,
   model_state = sharding.replicate(nnx.state(model), mesh)
   opt_state = sharding.replicate(nnx.state(optimizer), mesh)
 
-  # Resume from the newest readable checkpoint.
-  checkpointer = checkpointing.Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
-  start_step = 0
-  try:
-    restored = checkpointer.restore_latest(model_state, opt_state, train_iterator)
-  except checkpointing.WorkdirError as e:
-    raise TrainingError(str(e)) from None
-  if restored is not None:
-    model_state, opt_state, meta = restored
-    start_step = meta["step"]
-    if meta["seed"] != config.seed:
-      logging.warning("The checkpoint was trained with seed %d, this config has %d: the data "
-                      "order continues from the config's seed.", meta["seed"], config.seed)
-    logging.info("Resumed from step %d of %d.", start_step, num_steps)
+  workdir.mkdir(parents=True, exist_ok=True)  # only now that the run can start
+  with contextlib.ExitStack() as stack:
     if is_main:
-      metrics.truncate_after(workdir / "metrics.jsonl", start_step)
-  if is_main:
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-  writer = metrics.MetricWriter(workdir, enabled=is_main)
+      stack.enter_context(_exclusive(workdir))
+    # Leaving this waits for the last save and raises if it failed: no success after a failed save.
+    checkpointer = stack.enter_context(
+        checkpointing.Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints))
+    start_step = 0
+    restored = checkpointer.restore_latest(model_state, opt_state, train_iterator)
+    if restored is not None:
+      model_state, opt_state, meta = restored
+      start_step = meta["step"]
+      if meta["seed"] != config.seed:
+        logging.warning("The checkpoint was trained with seed %d, this config has %d: the data "
+                        "order continues from the config's seed.", meta["seed"], config.seed)
+      logging.info("Resumed from step %d of %d.", start_step, num_steps)
+      if is_main:
+        metrics.truncate_after(workdir / "metrics.jsonl", start_step)
+    if is_main:
+      (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    writer = stack.enter_context(metrics.MetricWriter(workdir, enabled=is_main))
+    preempt_signal = stack.enter_context(_sigterm_flag())
 
-  def save(step):
-    checkpointer.save(step, model_state, opt_state, train_iterator,
-                      {"step": step, "seed": config.seed, "examples_seen": step * batch_size})
-
-  pending: list = []  # device metrics of steps not yet checked
-  window: list = []  # host metrics since the last log
-  clock = time.perf_counter()
-  last_eval = None
-  with _sigterm_flag() as preempt_signal:
+    pending: list = []  # device metrics of steps not yet checked
+    window: list = []  # host metrics since the last log
+    clock = time.perf_counter()
+    last_eval = None
     for step in range(start_step, num_steps):
       batch = next(train_iterator)
       x, y = sharding.global_batch((batch["x"], batch["y"]), mesh)
       model_state, opt_state, step_metrics = train_step(model_state, opt_state, x, y)
+      checkpointer.check_saved()  # a save that failed in the background stops the run here
       pending.append(step_metrics)
       done = step + 1
       # All processes must stop at the same step: they agree on a preemption.
@@ -249,14 +273,12 @@ def train_and_evaluate(config, workdir: str,
         writer.write(done, "eval", last_eval)
         clock = time.perf_counter()  # evaluation time is not training throughput
       if save_now:
-        save(done)
+        checkpointer.save(done, model_state, opt_state, train_iterator,
+                          {"step": done, "seed": config.seed, "examples_seen": done * batch_size})
       if preempted:
         logging.warning("Preempted: saved step %d of %d; rerun the same command to resume.",
                         done, num_steps)
         break
-  if last_eval is None:  # resumed a finished run: report its result
-    last_eval = evaluate(eval_step, model_state, test_split, mesh, config.eval_batch_size)
-  checkpointer.wait()
-  checkpointer.close()
-  writer.close()
+    if last_eval is None:  # resumed a finished run: report its result
+      last_eval = evaluate(eval_step, model_state, test_split, mesh, config.eval_batch_size)
   return last_eval

@@ -10,51 +10,13 @@ import subprocess
 import sys
 import time
 
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from tensorboardX.proto import event_pb2
 
 from mupc_flax import metrics, train
-
-REPO = pathlib.Path(__file__).resolve().parent.parent
-# Slow enough per step (≈10 ms) that a run can be killed between checkpoints.
-RESUMABLE = ["--config.model.width=256", "--config.model.hidden_layers=8",
-             "--config.train.num_steps=300", "--config.checkpoint_every_steps=50",
-             "--config.log_every_steps=10", "--config.eval_every_steps=100"]
-
-
-def command(workdir, data_dir, *overrides, config="configs/default.py:smoke"):
-  return [sys.executable, "-m", "mupc_flax.main", f"--config={config}", f"--workdir={workdir}",
-          f"--config.data.data_dir={data_dir}", "--config.data.in_memory=False", *overrides]
-
-
-def environment(devices=1):
-  return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-
-
-def run(workdir, data_dir, *overrides, devices=1, config="configs/default.py:smoke", timeout=300):
-  return subprocess.run(command(workdir, data_dir, *overrides, config=config), cwd=REPO,
-                        env=environment(devices), capture_output=True, text=True, timeout=timeout)
-
-
-def load_checkpoint(workdir, step, item="model"):
-  """A saved item as {path: array} on this process's first device, whatever the
-  topology it was saved from."""
-  path = pathlib.Path(workdir) / "checkpoints" / str(step) / item
-  checkpointer = ocp.StandardCheckpointer()
-  saved = checkpointer.metadata(path).item_metadata.tree
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  tree = checkpointer.restore(path, jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), saved))
-  return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(tree)}
-
-
-def checkpoint_steps(workdir):
-  folder = pathlib.Path(workdir) / "checkpoints"
-  return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.exists() else []
+from programs import (REPO, RESUMABLE, checkpoint_steps, command, environment, load_checkpoint,
+                      run)
 
 
 def tensorboard_scalars(workdir):
@@ -131,17 +93,6 @@ def test_config_errors_are_clear(field, value, message):
   config[section][name] = value
   with pytest.raises(train.TrainingError, match=message):
     train.validate_config(config, num_devices=8, num_processes=1)
-
-
-def test_main_reports_config_errors_before_computing(tmp_path):
-  typo = run(tmp_path / "a", tmp_path, "--config.model.widht=3")
-  assert typo.returncode != 0 and "Did you mean" in typo.stderr
-  bad = run(tmp_path / "b", tmp_path, "--config.model.width=0")
-  assert bad.returncode == 1
-  assert bad.stderr.strip().splitlines()[-1] == "error: config.model.width must be positive, got 0."
-  assert not (tmp_path / "b" / "checkpoints").exists()
-  indivisible = run(tmp_path / "c", tmp_path, "--config.train.batch_size=30", devices=8)
-  assert indivisible.returncode == 1 and "divisible by the number of devices (8)" in indivisible.stderr
 
 
 # --- End to end -------------------------------------------------------------------
@@ -325,15 +276,6 @@ def test_non_finite_energy_stops_and_keeps_the_last_good_checkpoint(tmp_path, mn
   after = load_checkpoint(tmp_path, 30)
   for key in before:
     np.testing.assert_array_equal(before[key], after[key])
-
-
-def test_workdir_of_another_model_is_refused(tmp_path, mnist_data_dir):
-  assert run(tmp_path, mnist_data_dir, "--config.train.num_steps=30").returncode == 0
-  other = run(tmp_path, mnist_data_dir, "--config.model.hidden_layers=6")
-  assert other.returncode == 1
-  assert "holds checkpoints of a different model" in other.stderr
-  assert "saved (3, 64, 64) vs now (5, 64, 64)" in other.stderr
-  assert checkpoint_steps(tmp_path) == [30]
 
 
 # --- Real data ----------------------------------------------------------------------

@@ -10,7 +10,7 @@ DATASETS = tuple(sorted(SOURCES))
 
 def default_data_dir() -> str:
   """``$TFDS_DATA_DIR``, else ``~/tensorflow_datasets`` (tfds' own default)."""
-  return os.path.expanduser(os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
+  return os.path.abspath(os.path.expanduser(os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")))
 
 
 __all__ = ["DATASETS", "SOURCES", "SPECS", "DataError", "Split", "default_data_dir",

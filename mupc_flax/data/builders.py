@@ -36,8 +36,10 @@ from absl import logging
 from tensorflow_datasets.image_classification import cifar as tfds_cifar
 from tensorflow_datasets.image_classification import mnist as tfds_mnist
 
+from mupc_flax.errors import UserError, check_writable_dir
 
-class DataError(Exception):
+
+class DataError(UserError):
   """A dataset cannot be prepared or read; the message says what to do."""
 
 
@@ -281,13 +283,17 @@ def _local_folder(name: str, manual_dir: str | os.PathLike | None) -> pathlib.Pa
   folder = manual_dir or os.environ.get(SOURCES[name].env_var)
   if not folder:
     return None
-  folder = pathlib.Path(folder).expanduser()
+  folder = pathlib.Path(folder).expanduser().absolute()
+  source = "manual_dir" if manual_dir else SOURCES[name].env_var
+  if not folder.is_dir():
+    raise DataError(f"The folder {folder} (from {source}) does not exist. Give the folder that "
+                    f"holds {_required_files(name)}, or unset it to download them.")
   if name == "cifar10" and (folder / CIFAR10_FOLDER).is_dir():
     return folder
   missing = [f for f in _required_files(name) if not (folder / f).is_file()]
   if missing:
     raise DataError(
-        f"The folder {folder} (from {'manual_dir' if manual_dir else SOURCES[name].env_var}) "
+        f"The folder {folder} (from {source}) "
         f"lacks {missing} for {name}. Put the official files {_required_files(name)}"
         + (f" (or the extracted {CIFAR10_FOLDER}/ folder)" if name == "cifar10" else "")
         + f" there, or unset it to download them from {SOURCES[name].url}.")
@@ -344,14 +350,17 @@ def prepare(name: str, data_dir: str | os.PathLike, *, manual_dir: str | os.Path
   if is_prepared(name, data_dir):
     return target
   data_dir = pathlib.Path(data_dir)
+  check_writable_dir(data_dir, "The data directory")
   created = not data_dir.exists()
   data_dir.mkdir(parents=True, exist_ok=True)
   try:
     _prepare_into(name, data_dir, target, manual_dir, url)
-  except BaseException:
+  except OSError as e:  # e.g. the disk filled up while writing
+    raise DataError(f"Preparing {name} in {data_dir} failed ({e.strerror or e}); nothing was "
+                    "published. Fix the cause (e.g. free disk space) and run it again.") from e
+  finally:
     if created and not any(data_dir.iterdir()):
       data_dir.rmdir()  # leave no trace of a failed first preparation
-    raise
   logging.info("Prepared %s in %s", name, target)
   return target
 

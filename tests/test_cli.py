@@ -1,0 +1,291 @@
+"""The programs as a user meets them: README.md's command with relative paths
+from another directory, a checkpoint save that fails mid-run, and one clear
+line, with no traceback, for every failure a user can cause."""
+
+import concurrent.futures
+import contextlib
+import dataclasses
+import fcntl
+import os
+import pathlib
+import re
+import resource
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from typing import Callable
+
+import pytest
+
+import datafiles
+from mupc_flax import metrics
+from programs import REPO, RESUMABLE, checkpoint_steps, command, environment, run
+
+SHORT = ["--config.model.width=64", "--config.model.hidden_layers=4", "--config.train.num_steps=40",
+         "--config.checkpoint_every_steps=20", "--config.eval_every_steps=40",
+         "--config.log_every_steps=10", "--config.data.in_memory=False"]
+
+
+def readme_main_command() -> tuple[dict[str, str], list[str]]:
+  """The training command of README.md's first code block: its leading
+  ``NAME=value`` environment and its argv (with this interpreter)."""
+  text = (REPO / "README.md").read_text()
+  block = re.search(r"```bash\n(.*?)```", text[text.index("## Two commands"):], re.S).group(1)
+  words = shlex.split(next(part for part in block.split("&&") if "mupc_flax.main" in part))
+  python = words.index("python")
+  env = dict(word.split("=", 1) for word in words[:python])
+  return env, [sys.executable, *words[python + 1:]]
+
+
+def test_readme_main_command_runs_from_another_directory_with_relative_paths(tmp_path):
+  """The command exactly as README.md writes it (relative config, workdir and
+  MNIST folder), run in a fresh directory laid out as the README assumes; it
+  checkpoints, ends cleanly and, rerun with more steps, resumes."""
+  mnist = os.environ.get("MUPC_MNIST_DIR")
+  if not mnist:
+    pytest.skip("MUPC_MNIST_DIR is unset: point it at the folder with the four MNIST idx .gz files.")
+  project = tmp_path / "project"
+  project.mkdir()
+  (project / "configs").symlink_to(REPO / "configs")
+  (tmp_path / "shared" / "data").mkdir(parents=True)
+  (tmp_path / "shared" / "data" / "mnist").symlink_to(pathlib.Path(mnist).absolute())
+  readme_env, argv = readme_main_command()
+  assert readme_env == {"MUPC_MNIST_DIR": "../shared/data/mnist"}
+  assert argv[-2:] == ["--config=configs/default.py", "--workdir=runs/mnist"]
+  env = dict(environment(), **readme_env, TFDS_DATA_DIR=str(tmp_path / "tfds"))
+
+  first = subprocess.run(argv + SHORT, cwd=project, env=env, capture_output=True, text=True,
+                         timeout=300)
+  assert first.returncode == 0, first.stderr[-3000:]
+  workdir = project / "runs" / "mnist"
+  assert f"workdir {workdir}" in first.stderr  # logged as the absolute path it resolved to
+  assert "Traceback" not in first.stderr
+  assert checkpoint_steps(workdir) == [20, 40]
+  assert (tmp_path / "tfds" / "mnist" / "3.0.1" / "dataset_info.json").exists()  # from ../shared
+
+  second = subprocess.run(argv + SHORT + ["--config.train.num_steps=60"], cwd=project, env=env, capture_output=True, text=True,
+                          timeout=300)
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert "Resumed from step 40 of 60" in second.stderr
+  assert checkpoint_steps(workdir) == [20, 40, 60]
+
+
+def test_failed_save_stops_the_run_at_once_and_the_last_good_checkpoint_restores(
+    tmp_path, mnist_data_dir):
+  """After checkpoint 50, the process may no longer write files over 256 KiB
+  (as a full disk or a quota would do); a checkpoint is about 2 MB."""
+  args = [*RESUMABLE, "--config.keep_checkpoints=1"]
+  process = subprocess.Popen(command(tmp_path, mnist_data_dir, *args), cwd=REPO,
+                             env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+  deadline = time.time() + 240
+  while not (tmp_path / "checkpoints" / "50" / "_CHECKPOINT_METADATA").exists():
+    assert process.poll() is None and time.time() < deadline, process.communicate()[1][-3000:]
+    time.sleep(0.005)
+  resource.prlimit(process.pid, resource.RLIMIT_FSIZE, (256 << 10, 256 << 10))
+  _, stderr = process.communicate(timeout=240)
+
+  assert process.returncode == 1, stderr[-3000:]
+  assert "Traceback" not in stderr
+  last = stderr.strip().splitlines()[-1]
+  assert re.fullmatch(r"error: Saving the checkpoint of step 100 in \S+ failed \(.*File too large.*\)\. "
+                      r"The newest complete checkpoint is step 50: .* rerun the same command .*", last), last
+  logged = [r["step"] for r in metrics.read(tmp_path / "metrics.jsonl") if r["split"] == "train"]
+  assert 100 <= max(logged) < 150, logged  # stopped soon after step 100, not at the next save
+  assert checkpoint_steps(tmp_path) == [50]  # keep_checkpoints=1, yet the failed save removed nothing
+
+  resumed = run(tmp_path, mnist_data_dir, *args)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "Resumed from step 50 of 300" in resumed.stderr
+  assert checkpoint_steps(tmp_path) == [300]
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["300"]  # no leftovers
+
+
+# --- One line for every failure -----------------------------------------------------
+
+
+@dataclasses.dataclass
+class Setup:
+  """What a failure case may use: its own folder, the prepared MNIST (or None)
+  and a finished smoke run to copy."""
+
+  folder: pathlib.Path
+  data_dir: pathlib.Path | None
+  trained: pathlib.Path | None
+  env: dict = dataclasses.field(default_factory=dict)
+  devices: int = 1
+
+  @property
+  def new_workdir(self) -> pathlib.Path:
+    return self.folder / "new_run"
+
+  def main(self, *flags, config="configs/default.py:smoke", workdir=None) -> list[str]:
+    return [sys.executable, "-m", "mupc_flax.main", f"--config={config}",
+            f"--workdir={workdir or self.new_workdir}",
+            f"--config.data.data_dir={self.data_dir or self.folder / 'tfds'}", *flags]
+
+  def copy_of_trained(self) -> pathlib.Path:
+    return pathlib.Path(shutil.copytree(self.trained, self.folder / "trained"))
+
+  def file(self) -> pathlib.Path:
+    path = self.folder / "a_file"
+    path.write_text("not a directory")
+    return path
+
+
+def _program(module, *args):
+  return [sys.executable, "-m", module, *args]
+
+
+def _config_file(s: Setup, name: str, text: str) -> str:
+  (s.folder / name).write_text(text)
+  return str(s.folder / name)
+
+
+def _dataset_folder(s: Setup, corrupt: bool) -> list[str]:
+  source = s.folder / "source"
+  source.mkdir()
+  if corrupt:
+    datafiles.write_mnist_like(source, train=10, test=10)
+    (source / "train-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b not really gzip")
+  s.env["MUPC_MNIST_DIR"] = str(source)
+  s.data_dir = s.folder / "fresh_tfds"
+  return s.main()
+
+
+def _unreadable_checkpoints(s: Setup) -> list[str]:
+  workdir = s.copy_of_trained()
+  for blob in (workdir / "checkpoints").rglob("d/*"):
+    blob.write_bytes(b"garbage")
+  return s.main(workdir=workdir)
+
+
+def _diverging(s: Setup) -> list[str]:
+  return s.main("--config.train.inference_lr=1e9", workdir=s.folder / "diverging")
+
+
+def _batch_for_eight_devices(s: Setup) -> list[str]:
+  s.devices = 8
+  return s.main("--config.train.batch_size=30")
+
+
+@dataclasses.dataclass
+class Case:
+  argv: Callable[[Setup], list[str]]
+  message: str  # a regular expression the error line must match
+  needs_data: bool = False
+  no_new_workdir: bool = True  # the failed run must not have created its workdir
+  after: Callable[[Setup], bool] = lambda s: True  # what else must hold afterwards
+
+
+CASES = {
+    # The config and its flags.
+    "mistyped config field": Case(lambda s: s.main("--config.model.widht=3"),
+                                  r"--config\.model\.widht: the config has no field 'widht'; did you mean 'width'\?"),
+    "unknown variant": Case(lambda s: s.main(config="configs/default.py:smok"),
+                            r"Unknown config variant 'smok'; use smoke, sp, bp or name=value"),
+    "bad name=value": Case(lambda s: s.main(config="configs/default.py:width=abc"),
+                           r"'width=abc': 'abc' is not a valid int"),
+    "unknown name=value": Case(lambda s: s.main(config="configs/default.py:wdth=3"),
+                               r"'wdth' is not a field of config\.model"),
+    "config file missing": Case(lambda s: s.main(config="configs/nope.py"),
+                                r"there is no config file \S+/configs/nope\.py; give its path"),
+    "config file does not parse": Case(
+        lambda s: s.main(config=_config_file(s, "broken.py", "def get_config(:\n")),
+        r"the config file \S+broken\.py failed: SyntaxError"),
+    "config file fails to run": Case(
+        lambda s: s.main(config=_config_file(s, "raising.py", "def get_config():\n  return missing\n")),
+        r"the config file \S+raising\.py failed: NameError: name 'missing' is not defined"),
+    "invalid value": Case(lambda s: s.main("--config.model.width=0"), r"config\.model\.width must be positive, got 0\."),
+    "batch not divisible": Case(_batch_for_eight_devices, r"divisible by the number of devices \(8\)"),
+    "flag of the wrong type": Case(lambda s: s.main("--config.train.num_steps=abc"),
+                                   r"--config\.train\.num_steps=abc: invalid literal for int"),
+    "no workdir": Case(lambda s: s.main()[:4], r"Flag --workdir must have a value"),
+    "empty workdir": Case(lambda s: s.main(workdir=" "), r"--workdir is empty"),
+    "stray argument": Case(lambda s: s.main("extra"), r"Unexpected arguments \['extra'\]"),
+    # Directories.
+    "workdir is a file": Case(lambda s: s.main(workdir=s.file()), r"The workdir \S+a_file is a file, not a directory"),
+    "workdir not writable": Case(lambda s: s.main(workdir="/sys/mupc_flax_test/run"),
+                                 r"The workdir /sys/mupc_flax_test/run cannot be written"),
+    "data dir not writable": Case(lambda s: s.main("--config.data.data_dir=/sys/mupc_flax_test/data"),
+                                  r"The data directory /sys/mupc_flax_test/data cannot be written"),
+    # Datasets.
+    "dataset files missing": Case(lambda s: _dataset_folder(s, corrupt=False), r"lacks \['train-images-idx3-ubyte\.gz'"),
+    "dataset files corrupt": Case(lambda s: _dataset_folder(s, corrupt=True),
+                                  r"train-images-idx3-ubyte\.gz is corrupt or truncated"),
+    # Runs and workdirs.
+    "diverged run": Case(_diverging, r"Non-finite energy at step 1: training diverged", needs_data=True,
+                         no_new_workdir=False),
+    "workdir of another model": Case(
+        lambda s: s.main("--config.model.hidden_layers=6", workdir=s.copy_of_trained()),
+        r"holds checkpoints of a different model \(\S+: saved \(3, 64, 64\) vs now \(5, 64, 64\),",
+        needs_data=True, after=lambda s: checkpoint_steps(s.folder / "trained") == [30]),
+    "no readable checkpoint": Case(_unreadable_checkpoints, r"No checkpoint in \S+ is readable", needs_data=True),
+    "workdir in use": Case(lambda s: s.main(workdir=s.copy_of_trained()), r"Another run is using the workdir",
+                           needs_data=True),
+    # The other programs.
+    "prepare without a dataset": Case(lambda s: _program("mupc_flax.data", "prepare"), r"--dataset is required"),
+    "prepare from a missing folder": Case(
+        lambda s: _program("mupc_flax.data", "prepare", "--dataset=mnist", f"--data_dir={s.folder}",
+                           f"--manual_dir={s.folder / 'nowhere'}"),
+        r"The folder \S+nowhere \(from manual_dir\) does not exist"),
+    "sweep into a file": Case(
+        lambda s: _program("mupc_flax.sweep", "--config=configs/default.py:smoke", f"--workdir={s.file()}"),
+        r"The sweep directory \S+ is a file"),
+    "plots of a folder without a sweep": Case(lambda s: _program("mupc_flax.plots", "sweep", str(s.folder)),
+                                              r"\S+ has no sweep\.json"),
+    "plots with an unknown command": Case(lambda s: _program("mupc_flax.plots", "draw", "x"),
+                                          r"usage: python -m mupc_flax\.plots sweep SWEEP_DIR"),
+}
+
+
+@pytest.fixture(scope="module")
+def failures(request, tmp_path_factory):
+  """Runs every case (three at a time): name -> (CompletedProcess, Setup)."""
+  try:
+    data_dir = request.getfixturevalue("mnist_data_dir")
+  except pytest.skip.Exception:
+    data_dir = None
+  trained = None
+  if data_dir is not None:
+    trained = tmp_path_factory.mktemp("trained")
+    done = run(trained, data_dir, "--config.train.num_steps=30")
+    assert done.returncode == 0, done.stderr[-3000:]
+  setups = {}
+  for name, case in CASES.items():
+    if case.needs_data and data_dir is None:
+      continue
+    setup = Setup(tmp_path_factory.mktemp("case"), data_dir, trained)
+    setups[name] = (case.argv(setup), setup)
+  with contextlib.ExitStack() as locks:
+    if "workdir in use" in setups:  # this test process plays the other run
+      lock = locks.enter_context(open(setups["workdir in use"][1].folder / "trained" / ".lock", "w"))
+      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    def execute(name):
+      argv, setup = setups[name]
+      return subprocess.run(argv, cwd=REPO, env=dict(environment(setup.devices), **setup.env),
+                            capture_output=True, text=True, timeout=300)
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+      results = dict(zip(setups, pool.map(execute, setups)))
+  return {name: (results[name], setups[name][1]) for name in setups}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_every_failure_is_one_clear_line(name, failures):
+  if name not in failures:
+    pytest.skip("needs real MNIST (MUPC_MNIST_DIR)")
+  result, setup = failures[name]
+  output = result.stdout + result.stderr
+  assert result.returncode == 1, output[-3000:]
+  assert "Traceback" not in output, output[-3000:]
+  assert not re.search(r"^E\d{4} ", output, re.M), output[-3000:]  # no library error logs either
+  errors = [line for line in output.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and result.stderr.strip().splitlines()[-1] == errors[0], output[-3000:]
+  assert re.search(CASES[name].message, errors[0]), errors[0]
+  if CASES[name].no_new_workdir:
+    assert not setup.new_workdir.exists()
+  assert CASES[name].after(setup)
