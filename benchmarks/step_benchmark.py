@@ -3,6 +3,11 @@
     python benchmarks/step_benchmark.py                       # CPU: 128x8 and 256x32
     python benchmarks/step_benchmark.py --configs=512x128     # e.g. on a GPU
     python benchmarks/step_benchmark.py --levers              # each speed lever on/off
+    python benchmarks/step_benchmark.py --configs=conv16x6 --levers  # convolutional μPC
+
+WIDTHxHIDDEN is the dense network; convCxR the convolutional one of
+configs/mnist_conv.py on 28×28×1 images: a stride-2 stem, then 3 stages of
+C, 2C and 4C channels (14×14, 7×7, 4×4) with R residual layers each.
 
 One step = feed-forward start + T = H inference steps + Adam update, μPC,
 ReLU, batch 64 (MUPC.md's recipe). For every config, all variants are timed
@@ -63,20 +68,35 @@ def matmul_peak(dtype, n: int) -> float:
   return 2 * n ** 3 / statistics.median(times)
 
 
-def pc_step_flops(width: int, hidden: int, batch: int, blocks, algorithm: str = "pc") -> float:
-  """Matrix-product FLOPs of one training step (elementwise work ignored)."""
-  d, n, c, b = IN_FEATURES, width, CLASSES, batch
-  square, readout, inputs = 2 * b * n * n, 2 * b * n * c, 2 * b * d * n
-  forward = inputs + (hidden - 1) * square + readout
+def step_flops(entry: float, branch: list[float], readout: float, blocks, algorithm: str = "pc") -> float:
+  """Product FLOPs of one training step (elementwise work ignored), from the
+  FLOPs of each hidden layer's product: ``entry`` for layer 0 (from x),
+  ``branch[ℓ]`` for layer ℓ ≥ 1 (from the layer below), ``readout``."""
+  above = lambda first: sum(branch[first:]) + readout  # products inside a block from layer ``first``
+  forward = entry + above(1)
   if algorithm == "bp":  # forward, then gradients w.r.t. activations and weights
-    return forward + 2 * ((hidden - 1) * square + readout) + inputs
-  inference = 0.0
-  for first, steps in blocks:
-    size = hidden - first  # layers in the block; size − 1 residual products
-    inference += steps * 2 * ((size - 1) * square + readout) + (square if first else 0)
-  final = (hidden - 1) * square + readout  # errors at the final activities
-  weight_grads = inputs + (hidden - 1) * square + readout
+    return forward + 2 * above(1) + entry
+  inference = sum(steps * 2 * above(first + 1) + (branch[first] if first else 0)
+                  for first, steps in blocks)
+  final = above(1)  # errors at the final activities
+  weight_grads = entry + above(1)
   return forward + readout + inference + final + weight_grads
+
+
+def layer_flops(model, batch: int) -> tuple[float, list[float], float]:
+  """(entry, branch per hidden layer, readout) product FLOPs of ``model``."""
+  if isinstance(model, mf.ConvResidualPCN):
+    shapes = [s.shape for s in jax.eval_shape(model.feedforward, jnp.zeros((batch, IN_FEATURES)))]
+    costs = []
+    for stage, shape in enumerate(shapes):
+      _, _, h, w, c = shape
+      c_in = model.image_shape[2] if stage == 0 else shapes[stage - 1][-1]
+      k = model.entries[stage].kernel.shape[0]
+      costs += [2 * batch * h * w * c_in * c * k * k] + [2 * batch * h * w * c * c * k * k] * (shape[0] - 1)
+    return costs[0], costs, 2 * batch * shapes[-1][-1] * CLASSES
+  n = model.width
+  return (2 * batch * IN_FEATURES * n, [0.0] + [2 * batch * n * n] * (model.hidden_layers - 1),
+          2 * batch * n * CLASSES)
 
 
 def _batch(batch: int):
@@ -86,11 +106,25 @@ def _batch(batch: int):
   return jnp.asarray(x), jnp.asarray(y)
 
 
-def ours(name, width, hidden, batch, mesh, *, algorithm="pc", **options) -> Variant:
-  """mupc_flax's train step; ``options`` go to the model and to Inference."""
+def build(config: str, **model_options):
+  """The network of a config name: WIDTHxHIDDEN (dense) or convCxR."""
+  if config.startswith("conv"):
+    channels, residual = map(int, config[4:].split("x"))
+    return mf.ConvResidualPCN((28, 28, 1), (channels, 2 * channels, 4 * channels), residual,
+                              CLASSES, stem_stride=2, rngs=nnx.Rngs(0), **model_options)
+  width, hidden = map(int, config.split("x"))
+  return mf.ResidualPCN(IN_FEATURES, width, hidden, CLASSES, rngs=nnx.Rngs(0), **model_options)
+
+
+def ours(name, config, batch, mesh, *, algorithm="pc", attributes=None, **options) -> Variant:
+  """mupc_flax's train step; ``options`` go to the model and to Inference,
+  ``attributes`` are set on the model (its speed choices)."""
   model_options = {k: options.pop(k) for k in ("hidden_products", "matmul_dtype") if k in options}
   split = options.pop("split", None)
-  model = mf.ResidualPCN(IN_FEATURES, width, hidden, CLASSES, rngs=nnx.Rngs(0), **model_options)
+  model = build(config, **model_options)
+  for key, value in (attributes or {}).items():
+    setattr(model, key, value)
+  hidden = model.hidden_layers
   optimizer = nnx.Optimizer(model, optax.adam(0.1), wrt=nnx.Param)
   inference = mf.Inference(hidden, 0.5, **options) if algorithm == "pc" else None
   step = mf.make_train_step(model, optimizer, mesh, algorithm=algorithm, inference=inference,
@@ -109,7 +143,7 @@ def ours(name, width, hidden, batch, mesh, *, algorithm="pc", **options) -> Vari
     return model_state, opt_state
 
   blocks = mf.pc._blocks(hidden, inference) if inference else ()
-  return Variant(name, run, state, pc_step_flops(width, hidden, batch, blocks, algorithm),
+  return Variant(name, run, state, step_flops(*layer_flops(model, batch), blocks, algorithm),
                  compile_seconds, memory)
 
 
@@ -126,7 +160,8 @@ def reference(name, width, hidden, batch, host_loop: bool) -> Variant:
   def run(state):
     return jax.block_until_ready(step(*state, x, y))
 
-  return Variant(name, run, state, pc_step_flops(width, hidden, batch, ((0, hidden),)), compile_seconds)
+  costs = layer_flops(build(f"{width}x{hidden}"), batch)
+  return Variant(name, run, state, step_flops(*costs, ((0, hidden),)), compile_seconds)
 
 
 def measure(variants: list[Variant], repeats: int, warmup: int = 2) -> None:
@@ -147,7 +182,8 @@ def peak_memory() -> str:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--configs", default="128x8,256x32", help="WIDTHxHIDDEN, comma-separated")
+  parser.add_argument("--configs", default="128x8,256x32",
+                      help="WIDTHxHIDDEN (dense) or convCxR, comma-separated")
   parser.add_argument("--batch", type=int, default=64)
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--levers", action="store_true", help="also time each lever on and off")
@@ -168,23 +204,33 @@ def main():
 
   rows = []
   for config in args.configs.split(","):
-    width, hidden = map(int, config.lower().split("x"))
-    b = args.batch
-    variants = [ours("mupc_flax", width, hidden, b, mesh)]
-    if not args.no_reference:
+    config, b = config.lower(), args.batch
+    conv = config.startswith("conv")
+    variants = [ours("mupc_flax", config, b, mesh)]
+    if not args.no_reference and not conv:  # the reference design is dense only
+      width, hidden = map(int, config.split("x"))
       variants += [reference("reference, fully jitted", width, hidden, b, host_loop=False),
                    reference("reference, host loop", width, hidden, b, host_loop=True)]
-    variants.append(ours("mupc_flax BP", width, hidden, b, mesh, algorithm="bp"))
-    if args.levers:
+    variants.append(ours("mupc_flax BP", config, b, mesh, algorithm="bp"))
+    if args.levers and conv:
       variants += [
-          ours("lever: plain schedule", width, hidden, b, mesh, schedule="plain"),
-          ours("lever: wavefront, 4 phases", width, hidden, b, mesh, phases=4),
-          ours(f"lever: wavefront, {hidden} phases", width, hidden, b, mesh, phases=hidden),
-          ours("lever: batched products", width, hidden, b, mesh, hidden_products="batched"),
-          ours("lever: per-layer products", width, hidden, b, mesh, hidden_products="per_layer"),
-          ours("lever: bfloat16 products", width, hidden, b, mesh, matmul_dtype="bfloat16"),
-          ours("lever: one compiled function", width, hidden, b, mesh, split=False),
-          ours("lever: two compiled functions", width, hidden, b, mesh, split=True),
+          ours("lever: inference loops not unrolled", config, b, mesh,
+               attributes={"unroll_inference": False}),
+          ours("lever: stacked weight gradient", config, b, mesh,
+               attributes={"gradient_products": "batched"}),
+          ours("lever: batched products", config, b, mesh, hidden_products="batched"),
+      ]
+    elif args.levers:
+      hidden = build(config).hidden_layers
+      variants += [
+          ours("lever: plain schedule", config, b, mesh, schedule="plain"),
+          ours("lever: wavefront, 4 phases", config, b, mesh, phases=4),
+          ours(f"lever: wavefront, {hidden} phases", config, b, mesh, phases=hidden),
+          ours("lever: batched products", config, b, mesh, hidden_products="batched"),
+          ours("lever: per-layer products", config, b, mesh, hidden_products="per_layer"),
+          ours("lever: bfloat16 products", config, b, mesh, matmul_dtype="bfloat16"),
+          ours("lever: one compiled function", config, b, mesh, split=False),
+          ours("lever: two compiled functions", config, b, mesh, split=True),
       ]
     measure(variants, args.repeats)
     best_reference = min((statistics.median(v.times) for v in variants if v.name.startswith("reference")),
@@ -192,7 +238,7 @@ def main():
     for v in variants:
       seconds = statistics.median(v.times)
       rows.append({
-          "config": f"{width}x{hidden}", "variant": v.name, "seconds": seconds,
+          "config": config, "variant": v.name, "seconds": seconds,
           "examples_per_second": b / seconds, "compile_seconds": v.compile_seconds,
           "gflop": v.flops / 1e9, "gflop_per_second": v.flops / seconds / 1e9,
           "fraction_of_peak": v.flops / seconds / peaks["float32"],

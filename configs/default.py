@@ -33,8 +33,13 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.prefetch = 2  # batches prepared ahead in a background thread
 
   config.model = ml_collections.ConfigDict()
-  config.model.width = 512  # N
-  config.model.hidden_layers = 8  # H; the network has L = H + 1 weight matrices
+  config.model.kind = "dense"  # dense | conv (configs/mnist_conv.py)
+  config.model.width = 512  # N; conv: channels of the first stage, doubled at each next stage
+  config.model.hidden_layers = 8  # H; the network has L = H + 1 weight matrices (dense only)
+  config.model.stages = 2  # conv: resolutions, with a stride-2 convolution between two
+  config.model.residual_layers = 4  # conv: residual 3×3 convolutions in each stage
+  config.model.kernel_size = 3  # conv
+  config.model.stem_stride = 1  # conv: 2 halves the resolution of every stage
   config.model.activation = "relu"  # linear | relu | tanh | gelu
   config.model.parameterization = "mupc"  # mupc | sp
   config.model.hidden_products = "auto"  # auto | batched | per_layer (same result; speed differs)
@@ -87,8 +92,9 @@ def apply_arg(config: ml_collections.ConfigDict, arg: str | None,
                          "config.model, config.train or config.data.")
       sections[0][name] = _parse_value(item, sections[0][name], value)
     elif item == "smoke":
-      config.model.width = 64
+      config.model.width = 8 if config.model.kind == "conv" else 64
       config.model.hidden_layers = 4
+      config.model.residual_layers = 1
       config.train.num_steps = 60
       config.log_every_steps = 10
       config.eval_every_steps = 30

@@ -59,13 +59,35 @@ def depth_study(workdir, splits, data_dir, width=128, depths=(8, 16, 32)) -> dic
   return results
 
 
+def conv_study(workdir, splits, data_dir, depths=(2, 4, 6)) -> dict:
+  """(7): the convolutional network of configs/mnist_conv.py, 1 epoch of MNIST
+  per depth (residual layers per stage) for standard PC, μPC and BP."""
+  methods = {"standard PC": "sp", "μPC": "", "BP (Depth-μP)": "bp"}
+  results = {}
+  for label, variant in methods.items():
+    for depth in depths:
+      config = load_config("configs/mnist_conv.py", ",".join(filter(None, [f"residual_layers={depth}", variant])))
+      config.data.data_dir = data_dir
+      config.checkpoint_every_steps = 10_000
+      name = f"{variant or 'mupc'}_r{depth}"
+      row = sweep.run_point(name, config, workdir / "conv", splits)
+      evaluation = last_eval(workdir / "conv" / "runs" / name) if row["status"] == "ok" else {}
+      results.setdefault(label, []).append({
+          "residual_layers": config.model.stages * depth, "hidden_layers": row["hidden_layers"],
+          "status": row["status"],
+          "test_accuracy": row.get("test_accuracy"), "seconds": row["seconds"],
+          "weight_change": evaluation.get("weight_change")})
+      print(label, depth, row["status"], row.get("test_accuracy"), round(row["seconds"]), flush=True)
+  return results
+
+
 def gradient_profile(x, y, width=128, depths=(8, 16, 32)) -> dict:
   """Per-layer norm of the PC weight gradient on one batch at init (paper's β, B)."""
   out = {}
   for depth in depths:
     model = mf.ResidualPCN(x.shape[1], width, depth, 10, rngs=nnx.Rngs(0))
     grads, _ = mf.pc_gradients(model, x, y, mf.Inference(depth, 0.5))
-    out[depth] = diagnostics.layer_norms(jax.device_get(grads)).tolist()
+    out[depth] = diagnostics.layer_norms(model, jax.device_get(grads)).tolist()
   return out
 
 
@@ -135,15 +157,35 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--transfer_steps", type=int, default=300)
+  parser.add_argument("--studies", default="dense,conv",
+                      help="dense (sections 1–6), conv (section 7), or both; the others' "
+                           "numbers in docs/results.json are kept")
   args = parser.parse_args()
-  workdir = pathlib.Path(args.workdir)
+  studies = set(args.studies.split(","))
+  workdir = pathlib.Path(args.workdir).absolute()
   data_dir = str(workdir / "tfds")
   data.prepare("mnist", data_dir, manual_dir=os.environ.get("MUPC_MNIST_DIR"))
   splits = tuple(data.Split("mnist", s, data_dir) for s in ("train", "test"))
   test = data.pipeline.preprocess(*splits[1].read(np.arange(64)), splits[1].spec)
   x, y = jnp.asarray(test["x"]), jnp.asarray(test["y"])
 
-  results = {"depth": depth_study(workdir, splits, data_dir)}
+  saved = REPO / "docs" / "results.json"
+  results = json.loads(saved.read_text()) if saved.exists() else {}
+  FIGURES.mkdir(parents=True, exist_ok=True)
+  if "conv" in studies:
+    results["conv"] = conv_study(workdir, splits, data_dir)
+    saved.write_text(json.dumps(results, indent=1, default=float))
+    conv = results["conv"]
+    plots.accuracy_vs_depth({k: [(r["residual_layers"], r["test_accuracy"] or 0.0) for r in v]
+                             for k, v in conv.items()}, FIGURES / "conv_accuracy_vs_depth.png",
+                            title="MNIST, conv, 1 epoch (x: residual layers)")
+    deepest = max(r["residual_layers"] for r in conv["μPC"])
+    plots.layer_learning({f"{k}, {deepest} residual": r["weight_change"] for k, v in conv.items()
+                          for r in v if r["residual_layers"] == deepest and r["weight_change"]},
+                         FIGURES / "conv_layer_learning.png")
+  if "dense" not in studies:
+    return
+  results["depth"] = depth_study(workdir, splits, data_dir)
   results["gradient_profile"] = gradient_profile(x, y)
   results["transfer"] = transfer_study(workdir, splits, data_dir, args.transfer_steps)
   results["hessian"] = hessian_study(x, y)
@@ -153,9 +195,8 @@ def main():
           (64, 128, 256, 512, 1024), 8, x, y, parameterization=p, steps=3).items()}
       for p in ("mupc", "sp")}
   results["cosine"] = cosine_study()
-  (REPO / "docs" / "results.json").write_text(json.dumps(results, indent=1, default=float))
+  saved.write_text(json.dumps(results, indent=1, default=float))
 
-  FIGURES.mkdir(parents=True, exist_ok=True)
   plots.accuracy_vs_depth({k: [(r["hidden_layers"], r["test_accuracy"] or 0.0) for r in v]
                            for k, v in results["depth"].items()},
                           FIGURES / "accuracy_vs_depth.png", title="MNIST, 1 epoch, N = 128")

@@ -6,9 +6,11 @@ A notebook session needs only these names::
     z = model.feedforward(x)                          # [H, B, N] feed-forward activities
     F = mupc_flax.energy(model, z, x, y)              # batch-mean energy
     z = mupc_flax.infer(model, x, y, mupc_flax.Inference(steps=8, lr=0.5))
+    conv = mupc_flax.ConvResidualPCN((28, 28, 1), (8, 16), 4, 10, rngs=nnx.Rngs(0))  # same API
     step = mupc_flax.make_train_step(model, optimizer, inference=mupc_flax.Inference(8, 0.5))
 """
 
+from mupc_flax.conv import Conv, ConvResidualPCN
 from mupc_flax.model import ACTIVATIONS, Dense, Premultiplier, ResidualPCN
 from mupc_flax.parameterization import PARAMETERIZATIONS, Parameterization
 from mupc_flax.pc import (Inference, bp_gradients, energy, infer, layer_energies, output_losses,
@@ -17,7 +19,7 @@ from mupc_flax.sharding import global_batch, make_mesh
 from mupc_flax.steps import make_eval_step, make_train_step
 
 __all__ = [
-    "ACTIVATIONS", "Dense", "Premultiplier", "ResidualPCN",
+    "ACTIVATIONS", "Conv", "ConvResidualPCN", "Dense", "Premultiplier", "ResidualPCN",
     "PARAMETERIZATIONS", "Parameterization",
     "Inference", "bp_gradients", "energy", "infer", "layer_energies", "output_losses",
     "pc_gradients", "wavefront_phases",

@@ -33,11 +33,21 @@ class SaveError(UserError):
   """A checkpoint could not be written."""
 
 
+def _name(key) -> str:
+  """A path entry as plain text: list indices saved as '0' and live as 0 agree."""
+  for field in ("key", "idx", "name"):
+    if hasattr(key, field):
+      return str(getattr(key, field))
+  return str(key)
+
+
 def _shapes(tree) -> dict[str, tuple]:
   """Array path -> shape, for live NNX states and for Orbax metadata trees alike."""
-  leaves = jax.tree_util.tree_leaves_with_path(tree)
-  return {jax.tree_util.keystr(path).removesuffix(".value").removesuffix("['value']"):
-          tuple(getattr(leaf, "shape", ())) for path, leaf in leaves}
+  shapes = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    names = [_name(k) for k in path]
+    shapes["/".join(names[:-1] if names[-1] == "value" else names)] = tuple(getattr(leaf, "shape", ()))
+  return shapes
 
 
 class Checkpointer:

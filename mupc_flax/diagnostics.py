@@ -1,42 +1,45 @@
 """μPC diagnostics: activity-Hessian conditioning, PC–BP agreement, coordinate
-checks and which layers learn. All work on a ResidualPCN and plain arrays.
+checks and which layers learn. All work on any network of the stage protocol
+(``ResidualPCN``, ``ConvResidualPCN``) and plain arrays.
 """
 
 import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.flatten_util import ravel_pytree
 
 from mupc_flax import pc
 from mupc_flax.model import ResidualPCN
 
-DENSE_LIMIT = 8192  # NH up to which the Hessian is formed explicitly
+DENSE_LIMIT = 8192  # activities of one sample up to which the Hessian is formed explicitly
 
 
-def _activity_hvp(model: ResidualPCN, x: jax.Array, y: jax.Array, z: jax.Array | None,
-                  loss: pc.Loss):
-  """(hvp, z): v [H·N] -> (∂²F/∂z²) v for one sample, and the flattened z [H·N]
-  it is taken at (given as [H, N], default: the feed-forward pass)."""
+def _activity_hvp(model: pc.Network, x: jax.Array, y: jax.Array, z, loss: pc.Loss):
+  """(hvp, flat z): v -> (∂²F/∂z²) v for one sample over all its hidden
+  activities, flattened, and the flat z it is taken at (default: the
+  feed-forward pass)."""
   if z is None:
-    z = model.feedforward(x[None])[:, 0]
-  shape = (model.hidden_layers, 1, model.width)
-  energy = lambda activities: pc.energy(model, activities.reshape(shape), x[None], y[None],
-                                        loss=loss)
-  flat = z.reshape(-1)
+    z = model.feedforward(x[None])
+  flat, unflatten = ravel_pytree(z)
+  energy = lambda activities: pc.energy(model, unflatten(activities), x[None], y[None], loss=loss)
   return (lambda v: jax.jvp(jax.grad(energy), (flat,), (v,))[1]), flat
 
 
-def activity_hessian(model: ResidualPCN, x: jax.Array, y: jax.Array, *, z: jax.Array | None = None,
+def activity_hessian(model: pc.Network, x: jax.Array, y: jax.Array, *, z=None,
                      loss: pc.Loss = "mse") -> jax.Array:
-  """The Hessian [H·N, H·N] of F w.r.t. all hidden activities of one sample.
+  """The Hessian [A, A] of F w.r.t. all A hidden activities of one sample
+  (A = H·N for the dense network), in the order of ``ravel_pytree(z)``.
 
   Args:
     x: [D] one input; y: [C] its target.
-    z: [H, N] the activities to evaluate at (default: the feed-forward pass;
-      F is quadratic in z for linear networks, so then anywhere is the same).
+    z: the activities to evaluate at, as ``model.feedforward(x[None])`` gives
+      them ([H, 1, N] for the dense network); default the feed-forward pass
+      (F is quadratic in z for linear networks, so then anywhere is the same).
   Formed column by column from Hessian-vector products (one vmap), which is
   exact; use ``hessian_spectrum`` for the extreme eigenvalues of big models.
   """
@@ -65,18 +68,18 @@ def _lanczos_extremes(hvp, size: int, iterations: int, key: jax.Array) -> tuple[
   return float(ritz[0]), float(ritz[-1])
 
 
-def hessian_spectrum(model: ResidualPCN, x: jax.Array, y: jax.Array, *, z: jax.Array | None = None,
+def hessian_spectrum(model: pc.Network, x: jax.Array, y: jax.Array, *, z=None,
                      loss: pc.Loss = "mse", method: str = "auto", iterations: int = 200,
                      seed: int = 0) -> dict:
   """Extreme eigenvalues and condition number of the activity Hessian (one sample).
 
-  method: "dense" (explicit NH × NH matrix + eigvalsh; exact), "lanczos"
+  method: "dense" (explicit A × A matrix + eigvalsh; exact), "lanczos"
   (matrix-free Hessian-vector products; the extreme Ritz values, which
-  converge from inside the spectrum) or "auto" (dense up to NH = 8192).
+  converge from inside the spectrum) or "auto" (dense up to A = 8192 activities).
   Returns {"min", "max", "condition", "method"}; condition = max / min, inf
   if min ≤ 0 (a Hessian that is not positive definite).
   """
-  size = model.hidden_layers * model.width
+  size = sum(math.prod(a.shape) for a in jax.tree.leaves(jax.eval_shape(model.feedforward, x[None])))
   if method == "auto":
     method = "dense" if size <= DENSE_LIMIT else "lanczos"
   if method == "dense":
@@ -101,14 +104,13 @@ def cosine(a, b) -> float:
   return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
-def layer_kernels(params) -> list[np.ndarray]:
-  """The L = H + 1 weight matrices of a ResidualPCN's params, bottom to top."""
-  params = nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params
-  unwrap = lambda d: np.asarray(d["kernel"])
-  return [unwrap(params["input_layer"])] + list(unwrap(params["hidden"])) + [unwrap(params["readout"])]
+def layer_kernels(model: pc.Network, params) -> list[np.ndarray]:
+  """The L weight arrays of ``model``'s params (or of a gradient or update
+  shaped like them), bottom to top."""
+  return [np.asarray(w) for stack in model.weight_stacks(params) for w in stack]
 
 
-def pc_bp_agreement(model: ResidualPCN, x: jax.Array, y: jax.Array, inference: pc.Inference, *,
+def pc_bp_agreement(model: pc.Network, x: jax.Array, y: jax.Array, inference: pc.Inference, *,
                     loss: pc.Loss = "mse") -> dict:
   """Cosine between the PC weight gradient at the end of inference and the BP gradient.
 
@@ -116,51 +118,62 @@ def pc_bp_agreement(model: ResidualPCN, x: jax.Array, y: jax.Array, inference: p
   """
   pc_grads, _ = pc.pc_gradients(model, x, y, inference, loss=loss)
   bp_grads, _ = pc.bp_gradients(model, x, y, loss=loss)
-  per_layer = [cosine(a, b) for a, b in zip(layer_kernels(pc_grads), layer_kernels(bp_grads))]
+  per_layer = [cosine(a, b) for a, b in zip(layer_kernels(model, pc_grads),
+                                            layer_kernels(model, bp_grads))]
   return {"cosine": cosine(pc_grads, bp_grads), "layer_cosines": per_layer}
 
 
-def relative_weight_change(initial, current) -> np.ndarray:
-  """‖W_ℓ − W_ℓ⁰‖ / ‖W_ℓ⁰‖ for each of the L weight matrices (Frobenius norms)."""
-  return np.array([np.linalg.norm(w - w0) / np.linalg.norm(w0)
-                   for w0, w in zip(layer_kernels(initial), layer_kernels(current))])
+def relative_weight_change(model: pc.Network, initial, current) -> np.ndarray:
+  """‖W_ℓ − W_ℓ⁰‖ / ‖W_ℓ⁰‖ for each of the L weight arrays (Frobenius norms)."""
+  return np.array([np.linalg.norm(w - w0) / np.linalg.norm(w0) for w0, w in
+                   zip(layer_kernels(model, initial), layer_kernels(model, current))])
 
 
-def layer_norms(params) -> jax.Array:
-  """Frobenius norm of each of the L weight matrices (e.g. of a gradient or an
+def layer_norms(model: pc.Network, params) -> jax.Array:
+  """Frobenius norm of each of the L weight arrays (e.g. of a gradient or an
   update), bottom to top [L]. Traceable: the train step logs it per update."""
-  params = nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params
-  hidden = jnp.sqrt(jnp.sum(jnp.square(params["hidden"]["kernel"]), axis=(1, 2)))
-  return jnp.concatenate([jnp.linalg.norm(params["input_layer"]["kernel"])[None], hidden,
-                          jnp.linalg.norm(params["readout"]["kernel"])[None]])
+  return jnp.concatenate([jnp.sqrt(jnp.sum(jnp.square(stack), axis=tuple(range(1, stack.ndim))))
+                          for stack in model.weight_stacks(params)])
 
 
-def activity_rms(model: ResidualPCN, x: jax.Array) -> np.ndarray:
+def activity_rms(model: pc.Network, x: jax.Array) -> np.ndarray:
   """RMS of each hidden layer's feed-forward activity [H], plus the output's: [H + 1]."""
-  z = model.feedforward(x)
-  rms = jnp.sqrt(jnp.mean(jnp.square(z), axis=(1, 2)))
-  return np.asarray(jnp.append(rms, jnp.sqrt(jnp.mean(jnp.square(model.output(z[-1]))))))
+  return np.asarray(_activity_rms(model, x))
+
+
+@nnx.jit  # one compilation: eagerly, each convolution of a new shape compiles on its own
+def _activity_rms(model: pc.Network, x: jax.Array) -> jax.Array:
+  stages = model.to_stages(model.feedforward(x))
+  rms = [jnp.sqrt(jnp.mean(jnp.square(z), axis=tuple(range(1, z.ndim)))) for z in stages]
+  outputs = model.output(stages[-1][-1])
+  return jnp.append(jnp.concatenate(rms), jnp.sqrt(jnp.mean(jnp.square(outputs))))
 
 
 def coordinate_check(widths, hidden_layers: int, x: jax.Array, y: jax.Array, *,
                      parameterization: str, steps: int = 3, learning_rate: float = 0.1,
-                     inference_lr: float = 0.5, activation: str = "relu", seed: int = 0) -> dict:
+                     inference_lr: float = 0.5, activation: str = "relu", seed: int = 0,
+                     make_model: Callable[..., pc.Network] | None = None) -> dict:
   """Per-layer activity RMS after 0 … ``steps`` PC training steps, at each width.
 
   The muP "coordinate check": under a width-stable parameterisation every
-  curve is flat in width. Returns {width: [steps + 1, H + 1] array}.
+  curve is flat in width. ``make_model(width, parameterization=, activation=,
+  rngs=)`` builds the network at a width (for a convolutional network, its
+  channels); default a dense ``ResidualPCN`` with ``hidden_layers``. T = the
+  network's hidden layers. Returns {width: [steps + 1, H + 1] array}.
   """
-  inference = pc.Inference(hidden_layers, inference_lr)
-
-  @nnx.jit
-  def train_step(model, optimizer):
-    grads, _ = pc.pc_gradients(model, x, y, inference)
-    optimizer.update(model, grads)
-
+  if make_model is None:
+    make_model = lambda width, **kw: ResidualPCN(x.shape[1], width, hidden_layers, y.shape[1], **kw)
   out = {}
   for width in widths:
-    model = ResidualPCN(x.shape[1], width, hidden_layers, y.shape[1], activation=activation,
-                        parameterization=parameterization, rngs=nnx.Rngs(seed))
+    model = make_model(width, parameterization=parameterization, activation=activation,
+                       rngs=nnx.Rngs(seed))
+    inference = pc.Inference(model.hidden_layers, inference_lr)
+
+    @nnx.jit
+    def train_step(model, optimizer):
+      grads, _ = pc.pc_gradients(model, x, y, inference)
+      optimizer.update(model, grads)
+
     optimizer = nnx.Optimizer(model, optax.adam(learning_rate), wrt=nnx.Param)
     rows = [activity_rms(model, x)]
     for _ in range(steps):

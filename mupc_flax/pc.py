@@ -7,7 +7,13 @@ when the batch is split over devices):
 
 with ℓ_out = ½‖y − μ_L‖² ("mse") or −Σ_c y_c log softmax(μ_L)_c ("ce").
 Inference is T steps of z ← z − β ∂F/∂z from the feed-forward start; learning
-takes ∂F/∂W at the final activities. Shapes: x [B, D], y [B, C], z [H, B, N].
+takes ∂F/∂W at the final activities. Shapes: x [B, D], y [B, C], and z in the
+model's own form: [H, B, N] for the dense ``ResidualPCN``, a tuple of
+per-stage arrays [L_s, B, H_s, W_s, C_s] for the ``ConvResidualPCN``.
+
+The engine sees every network through the stage protocol (``model``): a
+stack of stages, each an entry layer and residual layers of one shape. One
+engine serves both networks; the dense one is the one-stage case.
 
 Inference tracks the activities as deviations δ = z − z⁰ from their start z⁰
 and the errors as e_ℓ = e⁰_ℓ + δ_ℓ − δ_{ℓ-1} − a_ℓ (φ(z_{ℓ-1}) − φ(z⁰_{ℓ-1})) W_ℓ.
@@ -18,6 +24,7 @@ gradient), and small activity changes keep full relative precision.
 """
 
 import dataclasses
+import itertools
 import math
 from typing import Any, Literal, NamedTuple, get_args
 
@@ -25,7 +32,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mupc_flax.model import ResidualPCN, residual_product
+# Any network that implements the stage protocol (ResidualPCN, ConvResidualPCN).
+Network = Any
 
 Loss = Literal["mse", "ce"]
 Schedule = Literal["plain", "wavefront"]
@@ -79,19 +87,31 @@ def output_errors(outputs: jax.Array, y: jax.Array, loss: Loss) -> jax.Array:
   raise ValueError(f"Unknown loss {loss!r}; choose 'mse' or 'ce'.")
 
 
-def layer_energies(model: ResidualPCN, z: jax.Array, x: jax.Array, y: jax.Array, *,
+def _predictions(model: Network, stages: tuple, x: jax.Array) -> tuple:
+  """The prediction μ of every hidden layer at activities ``stages``, per stage."""
+  predictions, below = [], x
+  for s, z in enumerate(stages):
+    residual = model.residual_branch(s, model.residual_weights(s), model.phi(z[:-1])) + z[:-1]
+    predictions.append(jnp.concatenate([model.entry(s, below)[None], residual]))
+    below = model.phi(z[-1])
+  return tuple(predictions)
+
+
+def layer_energies(model: Network, z, x: jax.Array, y: jax.Array, *,
                    loss: Loss = "mse", batch_size: int | None = None) -> jax.Array:
-  """Per-layer energies [H + 1] at activities z: hidden layers 1…H, then the output.
+  """Per-layer energies [H + 1] at activities z: hidden layers 1…H (bottom to
+  top, over every stage), then the output.
 
   Each is a batch mean (divided by ``batch_size``, default x.shape[0]).
   """
-  predictions = jnp.concatenate([model.input_layer(x)[None], model.residual_predictions(z[:-1])])
-  hidden = 0.5 * jnp.sum(jnp.square(z - predictions), axis=(1, 2))
-  output = jnp.sum(output_losses(model.output(z[-1]), y, loss))
+  stages = model.to_stages(z)
+  hidden = jnp.concatenate([0.5 * _per_layer_sum_of_squares(z - mu)
+                            for z, mu in zip(stages, _predictions(model, stages, x))])
+  output = jnp.sum(output_losses(model.readout(model.phi(stages[-1][-1])), y, loss))
   return jnp.append(hidden, output) / (batch_size or x.shape[0])
 
 
-def energy(model: ResidualPCN, z: jax.Array, x: jax.Array, y: jax.Array, *,
+def energy(model: Network, z, x: jax.Array, y: jax.Array, *,
            loss: Loss = "mse", batch_size: int | None = None) -> jax.Array:
   """The energy F (scalar), the sum of ``layer_energies``."""
   return jnp.sum(layer_energies(model, z, x, y, loss=loss, batch_size=batch_size))
@@ -129,10 +149,10 @@ def _blocks(hidden_layers: int, inference: Inference) -> tuple[tuple[int, int], 
   return wavefront_phases(hidden_layers, inference.steps, inference.phases)
 
 
-# Inference holds the hidden layers either as one [S, B, N] array ("batched")
-# or as a tuple of S [B, N] arrays ("per_layer"). Both support x[i], x[a:b]
-# and len(x), and jax.tree.map applies element-wise maps to either; these
-# helpers cover the rest.
+# Inference holds each stage's layers either as one [S, B, ...] array
+# ("batched") or as a tuple of S [B, ...] arrays ("per_layer"). Both support
+# x[i], x[a:b] and len(x), and jax.tree.map applies element-wise maps to
+# either; these helpers cover the rest.
 
 
 def _layout(x: jax.Array, per_layer: bool):
@@ -149,92 +169,127 @@ def _join(lower, upper):
   return jnp.concatenate([lower, upper]) if len(lower) else upper
 
 
+def _single(x: jax.Array, like):
+  """One layer's [B, ...] array as a one-layer slice in the layout of ``like``."""
+  return (x,) if isinstance(like, tuple) else x[None]
+
+
 def _per_layer_sum_of_squares(x) -> jax.Array:
   if isinstance(x, tuple):
     return jnp.stack([jnp.sum(jnp.square(v)) for v in x]) if x else jnp.zeros((0,))
-  return jnp.sum(jnp.square(x), axis=(1, 2))
+  return jnp.sum(jnp.square(x), axis=tuple(range(1, x.ndim)))
+
+
+def _locate(model: Network, layer: int) -> tuple[int, int]:
+  """(stage, index within the stage) of hidden layer ``layer`` (0 = the bottom)."""
+  for stage, top in enumerate(itertools.accumulate(model.stage_layers)):
+    if layer < top:
+      return stage, layer - top + model.stage_layers[stage]
+  raise ValueError(f"Layer {layer} is above the network's {model.hidden_layers} hidden layers.")
 
 
 class _Start(NamedTuple):
-  """Where inference starts: activities z⁰, φ(z⁰), and the errors there (None
-  at the feed-forward start, where they are zero by definition); [H, B, N]
-  each, in the model's layout."""
+  """Where inference starts, per stage in the model's layout: activities z⁰,
+  φ(z⁰), and the errors there (None at the feed-forward start, where they
+  are zero by definition)."""
 
-  z: Any
-  phi: Any
-  errors: Any
+  z: tuple
+  phi: tuple
+  errors: tuple | None
 
 
-def _start(model: ResidualPCN, z: jax.Array, errors: jax.Array | None) -> _Start:
+def _start(model: Network, stages: tuple, errors: tuple | None) -> _Start:
   per_layer = model.hidden_products == "per_layer"
   # The barrier makes XLA compute z⁰ and φ(z⁰) once. Otherwise it may
   # recompute z⁰ inside the fusions that use it, rounded differently
   # (seen: one ulp), and φ(z⁰ + δ) − φ(z⁰) is no longer exactly zero where δ is.
-  z, phi = jax.lax.optimization_barrier((z, model.phi(z)))
-  return _Start(_layout(z, per_layer), _layout(phi, per_layer),
-                None if errors is None else _layout(errors, per_layer))
+  stages, phi = jax.lax.optimization_barrier((stages, tuple(model.phi(z) for z in stages)))
+  layout = lambda arrays: tuple(_layout(a, per_layer) for a in arrays)
+  return _Start(layout(stages), layout(phi), None if errors is None else layout(errors))
 
 
-def _errors(model: ResidualPCN, start: _Start, delta, first: int, bottom_shift: jax.Array, hidden):
-  """Errors of the top S hidden layers ``first … H−1`` and φ(z) there.
+def _residual_weights(model: Network) -> tuple:
+  """Per stage, the residual weights in the model's layout: in "per_layer",
+  the stacks are cut into per-layer tuples here, once, outside any loop."""
+  per_layer = model.hidden_products == "per_layer"
+  return tuple(tuple(tuple(w) if per_layer else w for w in model.residual_weights(s))
+               for s in range(len(model.stage_layers)))
 
-  ``delta`` holds their deviations from the start; ``bottom_shift`` [B, N] is
-  how far the prediction of layer ``first`` has moved, which depends only on
-  the layers below (fixed while this slice is updated); ``hidden`` is
-  (kernels, multipliers) of the S − 1 residual layers inside the slice.
+
+def _errors(model: Network, start: _Start, delta: tuple, stage: int, index: int,
+            bottom_shift: jax.Array, weights: tuple) -> tuple[tuple, tuple]:
+  """Errors and φ(z) of the hidden layers from (``stage``, ``index``) to the top.
+
+  ``delta`` holds, per stage from ``stage`` up, the deviations of those layers
+  (the first stage's sliced from ``index``), and ``weights`` their residual
+  weights sliced alike. ``bottom_shift`` [B, ...] is how far the prediction of
+  the lowest of them has moved, which depends only on the layers below (fixed
+  while these are updated). Returns (errors, φ), per stage as ``delta``.
   """
-  phi = jax.tree.map(lambda z, d: model.phi(z + d), start.z[first:], delta)
-  moved = residual_product(*hidden, jax.tree.map(jnp.subtract, phi[:-1], start.phi[first:-1]))
-  shifts = _join((bottom_shift,) if isinstance(delta, tuple) else bottom_shift[None],
-                 jax.tree.map(jnp.add, moved, delta[:-1]))
-  errors = jax.tree.map(jnp.subtract, delta, shifts)
-  if start.errors is not None:
-    errors = jax.tree.map(jnp.add, errors, start.errors[first:])
-  return errors, phi
+  errors, phis = [], []
+  shift = bottom_shift
+  for i, s in enumerate(range(stage, len(start.z))):
+    low = index if i == 0 else 0
+    d, z0, phi0 = delta[i], start.z[s][low:], start.phi[s][low:]
+    phi = jax.tree.map(lambda z, v: model.phi(z + v), z0, d)
+    if i:  # the stage's entry layer, predicted from the top of the stage below
+      shift = model.entry(s, phis[-1][-1] - start.phi[s - 1][-1])
+    moved = model.residual_branch(s, weights[i], jax.tree.map(jnp.subtract, phi[:-1], phi0[:-1]))
+    shifts = _join(_single(shift, d), jax.tree.map(jnp.add, moved, d[:-1]))
+    e = jax.tree.map(jnp.subtract, d, shifts)
+    if start.errors is not None:
+      e = jax.tree.map(jnp.add, e, start.errors[s][low:])
+    errors.append(e)
+    phis.append(phi)
+  return tuple(errors), tuple(phis)
 
 
-def _hidden_weights(model: ResidualPCN):
-  """(kernels, multipliers) of the residual layers, kernels in the model's layout."""
-  return (_layout(model.hidden_kernels(), model.hidden_products == "per_layer"),
-          model.hidden.multiplier[...])
+def _bottom_shift(model: Network, start: _Start, delta: tuple, weights: tuple, stage: int,
+                  index: int) -> jax.Array:
+  """How far the prediction of layer (``stage``, ``index``) has moved,
+  through the layer below it."""
+  if index:  # a residual layer: its skip and its branch
+    below = delta[stage][index - 1]
+    moved = model.phi(start.z[stage][index - 1] + below) - start.phi[stage][index - 1]
+    branch = tuple(w[index - 1:index] for w in weights[stage])
+    return model.residual_branch(stage, branch, _single(moved, delta[stage]))[0] + below
+  if stage:  # a stage's entry layer, from the top of the stage below
+    moved = model.phi(start.z[stage - 1][-1] + delta[stage - 1][-1]) - start.phi[stage - 1][-1]
+    return model.entry(stage, moved)
+  return jnp.zeros_like(start.z[0][0])  # the input projection a_1 W_1 x never moves
 
 
-def _bottom_shift(model: ResidualPCN, start: _Start, delta, first: int) -> jax.Array:
-  """Shift of the prediction of layer ``first`` caused by the layer below it."""
-  if first == 0:  # The input projection a_1 W_1 x never moves.
-    return jnp.zeros_like(start.z[0])
-  below = first - 1
-  moved = model.phi(start.z[below] + delta[below]) - start.phi[below]
-  return model.residual(_layout(moved[None], isinstance(delta, tuple)), below)[0] + delta[below]
+def _descend(model: Network, start: _Start, y: jax.Array, blocks: tuple[tuple[int, int], ...],
+             lr: float, loss: Loss, batch_size: int) -> tuple:
+  """Gradient descent on the activities; returns the deviations δ from the
+  start, per stage in the model's layout.
 
-
-def _descend(model: ResidualPCN, start: _Start, y: jax.Array, blocks: tuple[tuple[int, int], ...],
-             lr: float, loss: Loss, batch_size: int):
-  """Gradient descent on the activities; returns the deviations δ from the start.
-
-  Each block (first layer, steps) is one compiled loop over the top slice;
-  nothing but the current δ is carried (no trajectory is stored).
+  Each block (first layer, steps) is one compiled loop over the layers from
+  there to the top; nothing but the current δ is carried (no trajectory is stored).
   """
   delta = jax.tree.map(jnp.zeros_like, start.z)
-  kernels, multipliers = _hidden_weights(model)
+  weights = _residual_weights(model)
   for first, num_steps in blocks:
-    bottom_shift = _bottom_shift(model, start, delta, first)
-    hidden = (kernels[first:], multipliers[first:])  # sliced once, outside the loop
+    stage, index = _locate(model, first)
+    bottom_shift = _bottom_shift(model, start, delta, weights, stage, index)
+    # Sliced once, outside the loop.
+    block_weights = (tuple(w[index:] for w in weights[stage]),) + weights[stage + 1:]
 
-    def block_energy(d, first=first, bottom_shift=bottom_shift, hidden=hidden):
-      errors, phi = _errors(model, start, d, first, bottom_shift, hidden)
-      output = jnp.sum(output_losses(model.readout(phi[-1]), y, loss))
-      return (0.5 * jnp.sum(_per_layer_sum_of_squares(errors)) + output) / batch_size
+    def block_energy(d, stage=stage, index=index, bottom_shift=bottom_shift, w=block_weights):
+      errors, phi = _errors(model, start, d, stage, index, bottom_shift, w)
+      output = jnp.sum(output_losses(model.readout(phi[-1][-1]), y, loss))
+      return (0.5 * sum(jnp.sum(_per_layer_sum_of_squares(e)) for e in errors) + output) / batch_size
 
     grad = jax.grad(block_energy)
     step = lambda _, d: jax.tree.map(lambda v, g: v - lr * g, d, grad(d))
-    delta = _join(delta[:first], jax.lax.fori_loop(0, num_steps, step, delta[first:]))
+    block = jax.lax.fori_loop(0, num_steps, step, (delta[stage][index:],) + delta[stage + 1:],
+                              unroll=bool(model.unroll_inference) or 1)
+    delta = delta[:stage] + (_join(delta[stage][:index], block[0]),) + block[1:]
   return delta
 
 
-def infer(model: ResidualPCN, x: jax.Array, y: jax.Array, inference: Inference, *,
-          z: jax.Array | None = None, loss: Loss = "mse",
-          batch_size: int | None = None) -> jax.Array:
+def infer(model: Network, x: jax.Array, y: jax.Array, inference: Inference, *,
+          z=None, loss: Loss = "mse", batch_size: int | None = None):
   """Inference: ``inference.steps`` gradient steps on the hidden activities.
 
   Args:
@@ -242,26 +297,28 @@ def infer(model: ResidualPCN, x: jax.Array, y: jax.Array, inference: Inference, 
     x: [B, D] clamped inputs.
     y: [B, C] clamped targets.
     inference: steps T, rate β and schedule.
-    z: [H, B, N] starting activities; None starts from the feed-forward pass
-      (the paper's recipe, and the only start the wavefront schedule allows).
+    z: starting activities, as ``model.feedforward`` gives them; None starts
+      from the feed-forward pass (the paper's recipe, and the only start the
+      wavefront schedule allows).
     loss: output energy, "mse" or "ce".
     batch_size: B of the batch mean; defaults to x.shape[0]. Inside a
       data-parallel step pass the *global* batch size.
 
   Returns:
-    [H, B, N], the activities after inference.
+    The activities after inference, as z ([H, B, N] for the dense network).
   """
   if z is None:
-    z = model.feedforward(x)
+    stages = model.to_stages(model.feedforward(x))
     start_errors = None
   elif inference.schedule == "wavefront":
     raise ValueError("The wavefront schedule is exact only from the feed-forward start: "
                      "call infer without z, or use Inference(schedule='plain').")
   else:
-    start_errors = z - jnp.concatenate([model.input_layer(x)[None], model.residual_predictions(z[:-1])])
-  delta = _descend(model, _start(model, z, start_errors), y,
+    stages = model.to_stages(z)
+    start_errors = tuple(z - mu for z, mu in zip(stages, _predictions(model, stages, x)))
+  delta = _descend(model, _start(model, stages, start_errors), y,
                    _blocks(model.hidden_layers, inference), inference.lr, loss, batch_size or x.shape[0])
-  return z + _stacked(delta)
+  return model.from_stages(tuple(z + _stacked(d) for z, d in zip(stages, delta)))
 
 
 def _sum_correct(outputs: jax.Array, y: jax.Array) -> jax.Array:
@@ -271,18 +328,18 @@ def _sum_correct(outputs: jax.Array, y: jax.Array) -> jax.Array:
 class InferenceResult(NamedTuple):
   """The network at the end of inference, all a weight gradient needs.
 
-  errors: hidden errors e_ℓ; phi: φ(z_ℓ); each [H, B, N], or a tuple of H
-  [B, N] arrays for a "per_layer" model (left unstacked: on XLA's CPU runtime
-  a concatenation after the inference loop slows the loop itself).
-  output_error: [B, C] ε = −∂ℓ_out/∂μ_L.
+  errors: hidden errors e_ℓ; phi: φ(z_ℓ); per stage an array [L_s, B, ...],
+  or a tuple of L_s [B, ...] arrays for a "per_layer" model (left unstacked:
+  on XLA's CPU runtime a concatenation after the inference loop slows the
+  loop itself). output_error: [B, C] ε = −∂ℓ_out/∂μ_L.
   """
 
-  errors: jax.Array
-  phi: jax.Array
+  errors: tuple
+  phi: tuple
   output_error: jax.Array
 
 
-def pc_inference(model: ResidualPCN, x: jax.Array, y: jax.Array, inference: Inference, *,
+def pc_inference(model: Network, x: jax.Array, y: jax.Array, inference: Inference, *,
                  loss: Loss = "mse", batch_size: int | None = None) -> tuple[InferenceResult, dict]:
   """Feed-forward start and inference; returns the final state and batch metrics.
 
@@ -292,14 +349,14 @@ def pc_inference(model: ResidualPCN, x: jax.Array, y: jax.Array, inference: Infe
   ``layer_energies`` [H + 1] (after inference).
   """
   batch_size = batch_size or x.shape[0]
-  z0 = model.feedforward(x)
-  start = _start(model, z0, None)
+  start = _start(model, model.to_stages(model.feedforward(x)), None)
   delta = _descend(model, start, y, _blocks(model.hidden_layers, inference), inference.lr, loss,
                    batch_size)
-  errors, phi = _errors(model, start, delta, 0, jnp.zeros_like(z0[0]), _hidden_weights(model))
-  outputs = model.readout(phi[-1])
-  ff_outputs = model.output(z0[-1])
-  per_layer = jnp.append(0.5 * _per_layer_sum_of_squares(errors),
+  errors, phi = _errors(model, start, delta, 0, 0, jnp.zeros_like(start.z[0][0]),
+                        _residual_weights(model))
+  outputs = model.readout(phi[-1][-1])
+  ff_outputs = model.readout(start.phi[-1][-1])
+  per_layer = jnp.append(jnp.concatenate([0.5 * _per_layer_sum_of_squares(e) for e in errors]),
                          jnp.sum(output_losses(outputs, y, loss))) / batch_size
   metrics = {
       "loss": jnp.sum(output_losses(ff_outputs, y, loss)) / batch_size,
@@ -310,26 +367,40 @@ def pc_inference(model: ResidualPCN, x: jax.Array, y: jax.Array, inference: Infe
   return InferenceResult(errors, phi, output_errors(outputs, y, loss)), metrics
 
 
-def pc_weight_gradients(model: ResidualPCN, x: jax.Array, result: InferenceResult,
+def pc_weight_gradients(model: Network, x: jax.Array, result: InferenceResult,
                         batch_size: int | None = None) -> nnx.State:
-  """∂F/∂W at the end of inference, in closed form (= ``jax.grad`` of ``energy``):
+  """∂F/∂W at the end of inference (= ``jax.grad`` of ``energy``), as an
+  ``nnx.State`` of the ``nnx.Param`` gradients.
 
-  ∂F/∂W_1 = −(a_1/B) xᵀe_1, ∂F/∂W_ℓ = −(a_ℓ/B) φ(z_{ℓ-1})ᵀe_ℓ, ∂F/∂W_L = −(a_L/B) φ(z_H)ᵀε.
-  Returns an ``nnx.State`` of the ``nnx.Param`` gradients.
+  Every prediction is linear in its own weights with the activities fixed,
+  so ∂F/∂W is the transpose of that map applied to −e/B: for the dense
+  network ∂F/∂W_ℓ = −(a_ℓ/B) φ(z_{ℓ-1})ᵀe_ℓ (x for W_1; ε for the readout),
+  for a convolution its weight gradient. A layer whose error is exactly zero
+  gets exactly zero. The products are float32 whatever ``matmul_dtype``.
   """
   scale = -1.0 / (batch_size or x.shape[0])
-  errors, phi = _stacked(result.errors), _stacked(result.phi)
-  grads = nnx.state(model, nnx.Param)
-  nnx.replace_by_pure_dict(grads, {
-      "input_layer": {"kernel": scale * model.input_layer.multiplier[...] * (x.T @ errors[0])},
-      "hidden": {"kernel": scale * model.hidden.multiplier[...][:, None, None]
-                           * jnp.einsum("kbi,kbo->kio", phi[:-1], errors[1:])},
-      "readout": {"kernel": scale * model.readout.multiplier[...] * (phi[-1].T @ result.output_error)},
-  })
+  per_layer = model.gradient_products == "per_layer"
+  in_layout = lambda stage: (stage if isinstance(stage, tuple) == per_layer
+                            else _layout(_stacked(stage), per_layer))
+  phi = tuple(in_layout(p) for p in result.phi)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def predictions(params):
+    network = nnx.merge(graphdef, params, rest)
+    out, below = [], x
+    for s, h in enumerate(phi):
+      weights = tuple(_layout(w, per_layer) for w in network.residual_weights(s, jnp.float32))
+      out.append((network.entry(s, below), network.residual_branch(s, weights, h[:-1])))
+      below = h[-1]
+    return tuple(out), network.readout(phi[-1][-1])
+
+  _, transpose = jax.vjp(predictions, params)
+  scaled = jax.tree.map(lambda e: scale * e, tuple(in_layout(e) for e in result.errors))
+  (grads,) = transpose((tuple((e[0], e[1:]) for e in scaled), scale * result.output_error))
   return grads
 
 
-def pc_gradients(model: ResidualPCN, x: jax.Array, y: jax.Array, inference: Inference, *,
+def pc_gradients(model: Network, x: jax.Array, y: jax.Array, inference: Inference, *,
                  loss: Loss = "mse", batch_size: int | None = None) -> tuple[nnx.State, dict]:
   """PC weight gradients: feed-forward start, inference, ∂F/∂W at the final z.
 
@@ -339,7 +410,7 @@ def pc_gradients(model: ResidualPCN, x: jax.Array, y: jax.Array, inference: Infe
   return pc_weight_gradients(model, x, result, batch_size), metrics
 
 
-def bp_gradients(model: ResidualPCN, x: jax.Array, y: jax.Array, *, loss: Loss = "mse",
+def bp_gradients(model: Network, x: jax.Array, y: jax.Array, *, loss: Loss = "mse",
                  batch_size: int | None = None) -> tuple[nnx.State, dict]:
   """Backprop gradients of the batch-mean output loss of the feed-forward pass.
 

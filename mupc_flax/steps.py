@@ -20,12 +20,11 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from mupc_flax import diagnostics, pc, sharding
-from mupc_flax.model import ResidualPCN
 
 Algorithm = Literal["pc", "bp"]
 
 
-def make_train_step(model: ResidualPCN, optimizer: nnx.Optimizer,
+def make_train_step(model: pc.Network, optimizer: nnx.Optimizer,
                     mesh: jax.sharding.Mesh | None = None, *, algorithm: Algorithm = "pc",
                     inference: pc.Inference | None = None, loss: pc.Loss = "mse",
                     split: bool | None = None) -> Callable:
@@ -62,8 +61,9 @@ def make_train_step(model: ResidualPCN, optimizer: nnx.Optimizer,
   model_def = nnx.graphdef(model)
   opt_def = nnx.graphdef(optimizer)
   data = P(sharding.DATA_AXIS)
-  hidden = ((data,) * model.hidden_layers if model.hidden_products == "per_layer"
-            else P(None, sharding.DATA_AXIS))
+  # Per stage: a tuple of per-layer arrays, or one array with the layer axis first.
+  hidden = tuple((data,) * layers if model.hidden_products == "per_layer"
+                 else P(None, sharding.DATA_AXIS) for layers in model.stage_layers)
   result_specs = pc.InferenceResult(hidden, hidden, data)
 
   def global_batch(x):
@@ -96,7 +96,7 @@ def make_train_step(model: ResidualPCN, optimizer: nnx.Optimizer,
     model = nnx.merge(model_def, model_state)
     optimizer = nnx.merge(opt_def, opt_state)
     updates = optimizer.update(model, grads)  # what was added to the weights
-    return nnx.state(model), nnx.state(optimizer), diagnostics.layer_norms(updates)
+    return nnx.state(model), nnx.state(optimizer), diagnostics.layer_norms(model, updates)
 
   replicated, batch = sharding.replicated(mesh), sharding.batch_sharded(mesh)
   if split and algorithm == "pc":
@@ -156,7 +156,7 @@ def _must_wait(mesh: jax.sharding.Mesh) -> bool:
   return jax.default_backend() == "cpu" and len(mesh.local_devices) > 1
 
 
-def make_eval_step(model: ResidualPCN, mesh: jax.sharding.Mesh | None = None, *,
+def make_eval_step(model: pc.Network, mesh: jax.sharding.Mesh | None = None, *,
                    loss: pc.Loss = "mse") -> Callable:
   """Builds the jitted, data-parallel eval step (feed-forward prediction).
 

@@ -48,11 +48,14 @@ COLUMNS = ["name", "width", "hidden_layers", "learning_rate", "inference_lr", "s
 def grid(config, learning_rates, inference_lrs, widths=(), depths=()) -> list[tuple[str, object]]:
   """(name, config) for every point of widths × depths × η × β."""
   points = []
+  # The depth of a convolutional network is its residual layers per stage.
+  depth_field = "residual_layers" if config.model.kind == "conv" else "hidden_layers"
   for width, depth, lr, beta in itertools.product(widths or [config.model.width],
-                                                  depths or [config.model.hidden_layers],
+                                                  depths or [config.model[depth_field]],
                                                   learning_rates, inference_lrs):
     point = config.copy_and_resolve_references()
-    point.model.width, point.model.hidden_layers = int(width), int(depth)
+    point.model.width = int(width)
+    point.model[depth_field] = int(depth)
     point.train.learning_rate, point.train.inference_lr = float(lr), float(beta)
     points.append((f"w{int(width)}_h{int(depth)}_lr{float(lr):g}_beta{float(beta):g}", point))
   return points
@@ -64,7 +67,9 @@ def run_point(name: str, config, workdir: pathlib.Path, splits=None) -> dict:
   done = run_dir / "result.json"
   if done.exists():
     return json.loads(done.read_text())
-  row = {"name": name, "width": config.model.width, "hidden_layers": config.model.hidden_layers,
+  hidden_layers = (config.model.stages * (1 + config.model.residual_layers)
+                   if config.model.kind == "conv" else config.model.hidden_layers)
+  row = {"name": name, "width": config.model.width, "hidden_layers": hidden_layers,
          "learning_rate": config.train.learning_rate, "inference_lr": config.train.inference_lr}
   start = time.perf_counter()
   try:

@@ -14,7 +14,7 @@ import pathlib
 import signal
 import threading
 import time
-from typing import get_args
+from typing import Literal, get_args
 
 import jax
 import numpy as np
@@ -23,9 +23,12 @@ from absl import logging
 from flax import nnx
 
 from mupc_flax import checkpointing, data, diagnostics, metrics, pc, sharding, steps
+from mupc_flax.conv import ConvResidualPCN
 from mupc_flax.errors import UserError, check_writable_dir
 from mupc_flax.model import ACTIVATIONS, MATMUL_DTYPES, HiddenProducts, ResidualPCN
 from mupc_flax.parameterization import PARAMETERIZATIONS
+
+ModelKind = Literal["dense", "conv"]
 
 
 class TrainingError(UserError):
@@ -34,6 +37,7 @@ class TrainingError(UserError):
 
 _CHOICES = {
     "data.name": data.DATASETS,
+    "model.kind": get_args(ModelKind),
     "model.activation": tuple(ACTIVATIONS),
     "model.parameterization": tuple(PARAMETERIZATIONS),
     "model.hidden_products": get_args(HiddenProducts),
@@ -42,10 +46,12 @@ _CHOICES = {
     "train.loss": get_args(pc.Loss),
     "train.schedule": get_args(pc.Schedule),
 }
-_POSITIVE = ("model.width", "model.hidden_layers", "train.batch_size", "train.num_epochs",
+_POSITIVE = ("model.width", "model.hidden_layers", "model.stages", "model.kernel_size",
+             "model.stem_stride",
+             "train.batch_size", "train.num_epochs",
              "train.learning_rate", "train.phases", "log_every_steps", "eval_batch_size",
              "keep_checkpoints", "checkpoint_every_steps")
-_NON_NEGATIVE = ("train.num_steps", "train.inference_steps", "train.inference_lr",
+_NON_NEGATIVE = ("model.residual_layers", "train.num_steps", "train.inference_steps", "train.inference_lr",
                  "eval_every_steps", "data.prefetch")
 
 
@@ -107,6 +113,20 @@ def _check_finite(window: list[dict], first_step: int) -> None:
           "The last good checkpoint is kept; lower train.learning_rate or train.inference_lr.")
 
 
+def build_model(config, spec: data.pipeline.DatasetSpec) -> pc.Network:
+  """The network ``config.model`` describes, for inputs and classes of ``spec``."""
+  common = dict(activation=config.model.activation, parameterization=config.model.parameterization,
+                hidden_products=config.model.hidden_products, matmul_dtype=config.model.matmul_dtype,
+                rngs=nnx.Rngs(config.seed))
+  if config.model.kind == "conv":
+    channels = tuple(config.model.width * 2**s for s in range(config.model.stages))
+    return ConvResidualPCN(spec.image_shape, channels, config.model.residual_layers,
+                           spec.num_classes, kernel_size=config.model.kernel_size,
+                           stem_stride=config.model.stem_stride, **common)
+  return ResidualPCN(spec.input_size, config.model.width, config.model.hidden_layers,
+                     spec.num_classes, **common)
+
+
 def evaluate(eval_step, model_state, split: data.Split, mesh, batch_size: int) -> dict:
   """Loss and accuracy of the feed-forward prediction over the whole split."""
   total = None
@@ -121,12 +141,12 @@ def evaluate(eval_step, model_state, split: data.Split, mesh, batch_size: int) -
           "examples": total["count"]}
 
 
-def _layer_diagnostics(config, model: ResidualPCN, model_state, initial_params,
+def _layer_diagnostics(config, model: pc.Network, model_state, initial_params,
                        split: data.Split) -> dict:
   """Which layers learn (‖W − W⁰‖/‖W⁰‖ per matrix) and, if ``config.log_hessian``,
   the activity Hessian's spectrum for the first test example."""
   current = jax.device_get(model_state)
-  out = {"weight_change": diagnostics.relative_weight_change(initial_params, current)}
+  out = {"weight_change": diagnostics.relative_weight_change(model, initial_params, current)}
   if config.log_hessian:
     example = data.pipeline.preprocess(*split.read(np.array([0])), split.spec)
     spectrum = diagnostics.hessian_spectrum(nnx.merge(nnx.graphdef(model), current),
@@ -197,15 +217,10 @@ def train_and_evaluate(config, workdir: str | os.PathLike,
       process_count=jax.process_count(), prefetch=config.data.prefetch))
 
   # Model, optimizer and compiled steps.
-  spec = train_split.spec
-  model = ResidualPCN(spec.input_size, config.model.width, config.model.hidden_layers,
-                      spec.num_classes, activation=config.model.activation,
-                      parameterization=config.model.parameterization,
-                      hidden_products=config.model.hidden_products,
-                      matmul_dtype=config.model.matmul_dtype, rngs=nnx.Rngs(config.seed))
+  model = build_model(config, train_split.spec)
   optimizer = nnx.Optimizer(model, getattr(optax, config.train.optimizer)(config.train.learning_rate),
                             wrt=nnx.Param)
-  inference = pc.Inference(steps=config.train.inference_steps or config.model.hidden_layers,
+  inference = pc.Inference(steps=config.train.inference_steps or model.hidden_layers,
                            lr=config.train.inference_lr, schedule=config.train.schedule,
                            phases=config.train.phases)
   train_step = steps.make_train_step(model, optimizer, mesh, algorithm=config.train.algorithm,

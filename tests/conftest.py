@@ -22,3 +22,20 @@ def mnist_data_dir(tmp_path_factory):
   data_dir = tmp_path_factory.mktemp("tfds_real")
   data.prepare("mnist", data_dir, manual_dir=folder)
   return data_dir
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_compilation_cache(tmp_path_factory):
+  """The programs the tests run in subprocesses share one persistent compilation
+  cache: most compile the same small steps, and compiling is most of their time.
+  (This process imported JAX above, so its own compilations are unaffected.)"""
+  saved = {key: os.environ.get(key) for key in
+           ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")}
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax_cache"))
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  yield
+  for key, value in saved.items():
+    if value is None:
+      os.environ.pop(key, None)
+    else:
+      os.environ[key] = value

@@ -99,3 +99,43 @@ def random_batch(seed, batch, in_features, classes):
   x = rng.standard_normal((batch, in_features)).astype(np.float32)
   y = np.eye(classes, dtype=np.float32)[rng.integers(0, classes, batch)]
   return x, y
+
+
+# --- The convolutional network, layer by layer ---------------------------------------
+
+
+def unstack_conv(model):
+  """The network as a bottom-to-top list of layers, each (kernel [k, k, in, out],
+  multiplier, stride, residual?) in float64, and the readout (kernel [C, out],
+  multiplier)."""
+  layers = []
+  for entry, stack in zip(model.entries, model.stacks):
+    layers.append((np.asarray(entry.kernel[...], np.float64), float(entry.multiplier[...]),
+                   entry.stride, False))
+    for kernel, a in zip(np.asarray(stack.kernel[...], np.float64), np.asarray(stack.multiplier[...])):
+      layers.append((kernel, float(a), 1, True))
+  readout = (np.asarray(model.head.kernel[...], np.float64), float(model.head.multiplier[...]))
+  return layers, readout
+
+
+def _conv(h, kernel, stride):
+  return jax.lax.conv_general_dilated(h, kernel, (stride, stride), "SAME",
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def jax_conv_energy(kernels, readout_kernel, layers, readout_multiplier, z, images, y, activation, loss):
+  """The convolutional energy as plain JAX over per-layer lists: ``kernels``
+  and activities ``z`` [B, H, W, C] per layer, differentiable in both;
+  ``layers`` gives each layer's (multiplier, stride, residual?)."""
+  act = JAX_ACTIVATIONS[activation]
+  total = 0.0
+  for layer, (kernel, (a, stride, residual)) in enumerate(zip(kernels, layers)):
+    below = images if layer == 0 else act(z[layer - 1])
+    mu = a * _conv(below, kernel, stride) + (z[layer - 1] if residual else 0.0)
+    total += 0.5 * jnp.sum((z[layer] - mu) ** 2)
+  out = readout_multiplier * (jnp.mean(act(z[-1]), axis=(1, 2)) @ readout_kernel)
+  if loss == "mse":
+    total += 0.5 * jnp.sum((y - out) ** 2)
+  else:
+    total += -jnp.sum(y * jax.nn.log_softmax(out, axis=1))
+  return total / images.shape[0]

@@ -124,7 +124,8 @@ class Setup:
   def main(self, *flags, config="configs/default.py:smoke", workdir=None) -> list[str]:
     return [sys.executable, "-m", "mupc_flax.main", f"--config={config}",
             f"--workdir={workdir or self.new_workdir}",
-            f"--config.data.data_dir={self.data_dir or self.folder / 'tfds'}", *flags]
+            f"--config.data.data_dir={self.data_dir or self.folder / 'tfds'}",
+            "--config.data.in_memory=False", *flags]  # decoding all of MNIST takes seconds
 
   def copy_of_trained(self) -> pathlib.Path:
     return pathlib.Path(shutil.copytree(self.trained, self.folder / "trained"))

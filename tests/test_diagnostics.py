@@ -29,7 +29,7 @@ def test_hessian_condition_matches_dense_reference(parameterization, activation)
     hessian = np.asarray(jax.hessian(reference_energy)(jnp.asarray(z, jnp.float64).reshape(-1)))
   eigenvalues = np.linalg.eigvalsh(hessian)
   spectrum = diagnostics.hessian_spectrum(model, jnp.asarray(x[0]), jnp.asarray(y[0]),
-                                          z=jnp.asarray(z), method="dense")
+                                          z=jnp.asarray(z)[:, None], method="dense")
   np.testing.assert_allclose([spectrum["min"], spectrum["max"]], [eigenvalues[0], eigenvalues[-1]],
                              rtol=1e-4)
   if eigenvalues[0] > 0:
@@ -80,11 +80,11 @@ def test_coordinate_check_flat_under_mupc_not_under_sp():
 def test_layer_learning_measures():
   model = mf.ResidualPCN(6, 8, 4, 3, rngs=nnx.Rngs(0))
   initial = nnx.to_pure_dict(jax.device_get(nnx.state(model, nnx.Param)))
-  kernels = diagnostics.layer_kernels(nnx.state(model, nnx.Param))
+  kernels = diagnostics.layer_kernels(model, nnx.state(model, nnx.Param))
   assert [k.shape for k in kernels] == [(6, 8), (8, 8), (8, 8), (8, 8), (8, 3)]
   moved = jax.tree.map(np.array, initial)
   moved["hidden"]["kernel"][1] *= 1.5
-  change = diagnostics.relative_weight_change(initial, moved)
+  change = diagnostics.relative_weight_change(model, initial, moved)
   np.testing.assert_allclose(change, [0, 0, 0.5, 0, 0], atol=1e-6)
-  np.testing.assert_allclose(diagnostics.layer_norms(initial),
+  np.testing.assert_allclose(diagnostics.layer_norms(model, initial),
                              [np.linalg.norm(k) for k in kernels], rtol=1e-6)

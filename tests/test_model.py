@@ -63,11 +63,11 @@ def test_premultipliers_are_state_but_not_trained():
 
 
 def test_hidden_products_options_agree():
-  x, _ = oracles.random_batch(0, 5, 6, 3)
-  z = np.random.default_rng(1).standard_normal((2, 5, 8)).astype(np.float32)  # layers 1, 2 of 4
+  x, y = oracles.random_batch(0, 5, 6, 3)
+  z = np.random.default_rng(1).standard_normal((4, 5, 8)).astype(np.float32)
   batched = mf.ResidualPCN(6, 8, 4, 3, hidden_products="batched", rngs=nnx.Rngs(0))
   per_layer = mf.ResidualPCN(6, 8, 4, 3, hidden_products="per_layer", rngs=nnx.Rngs(0))
-  np.testing.assert_allclose(batched.residual_predictions(z, 1), per_layer.residual_predictions(z, 1),
+  np.testing.assert_allclose(mf.layer_energies(batched, z, x, y), mf.layer_energies(per_layer, z, x, y),
                              rtol=1e-6)
   # The forward passes differ in order of operations (scan vs unrolled): float rounding only.
   np.testing.assert_allclose(batched(x), per_layer(x), rtol=1e-5, atol=1e-7)

@@ -69,6 +69,13 @@ def load_config(path, arg=None):
                                            "train.learning_rate": 0.05}),
     ("configs/cifar10_128.py", None, {"data.name": "cifar10", "train.loss": "ce", "train.batch_size": 128,
                                      "train.inference_lr": 0.01, "data.augment": True}),
+    ("configs/mnist_conv.py", None, {"model.kind": "conv", "model.residual_layers": 6,
+                                     "train.learning_rate": 0.1, "train.inference_lr": 0.5}),
+    ("configs/mnist_conv.py", "residual_layers=2,sp", {"model.residual_layers": 2,
+                                                       "model.parameterization": "sp"}),
+    ("configs/mnist_conv.py", "smoke,bp", {"model.width": 8, "train.algorithm": "bp"}),
+    ("configs/cifar10_conv.py", None, {"model.kind": "conv", "data.name": "cifar10", "train.loss": "ce",
+                                       "data.augment": True, "train.inference_lr": 0.01}),
 ])
 def test_configs_hold_the_paper_settings(path, arg, expected):
   config = load_config(path, arg)
@@ -123,9 +130,9 @@ def test_smoke_run_writes_metrics_events_and_checkpoints(tmp_path, mnist_data_di
 
 
 def test_killed_run_resumes_bit_identically(tmp_path, mnist_data_dir):
-  straight = run(tmp_path / "straight", mnist_data_dir, *RESUMABLE)
-  assert straight.returncode == 0, straight.stderr[-3000:]
-
+  straight = subprocess.Popen(  # the uninterrupted run, beside the killed one
+      command(tmp_path / "straight", mnist_data_dir, *RESUMABLE), cwd=REPO, env=environment(),
+      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   workdir = tmp_path / "killed"
   process = subprocess.Popen(command(workdir, mnist_data_dir, *RESUMABLE), cwd=REPO,
                              env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -141,6 +148,8 @@ def test_killed_run_resumes_bit_identically(tmp_path, mnist_data_dir):
   resumed = run(workdir, mnist_data_dir, *RESUMABLE)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "Resumed from step" in resumed.stderr
+  _, errors = straight.communicate(timeout=300)
+  assert straight.returncode == 0, errors[-3000:]
   a, b = load_checkpoint(tmp_path / "straight", 300), load_checkpoint(workdir, 300)
   assert a.keys() == b.keys()
   for key in a:
