@@ -109,3 +109,14 @@ def test_auto_layout_follows_the_cpu_measurements():
 def test_gelu_activation_is_available():
   model = mf.ResidualPCN(4, 8, 2, 3, activation="gelu", rngs=nnx.Rngs(0))
   np.testing.assert_allclose(model.phi(jnp.array([-1.0, 0.0, 1.0])), jax.nn.gelu(jnp.array([-1.0, 0.0, 1.0])))
+
+
+@pytest.mark.parametrize("name", ["mupc", "sp"])
+def test_initialisers_draw_what_jax_random_draws_for_the_shape(name):
+  """They draw flat and reshape (much faster to compile): the numbers must be
+  those of the shaped draw."""
+  key, shape = jax.random.key(7), (2, 3, 3, 4, 5)
+  expected = (jax.random.normal(key, shape) if name == "mupc" else
+              jax.random.uniform(key, shape, minval=-1 / np.sqrt(36), maxval=1 / np.sqrt(36)))
+  drawn = mf.PARAMETERIZATIONS[name].init(key, shape, 36)
+  np.testing.assert_array_equal(drawn, expected)
