@@ -290,21 +290,9 @@ def test_non_finite_energy_stops_and_keeps_the_last_good_checkpoint(tmp_path, mn
 # --- Real data ----------------------------------------------------------------------
 
 
-def test_one_epoch_of_real_mnist_reaches_93_percent(tmp_path, mnist_data_dir):
-  """μPC, width 128, H = 8, the paper's η = 0.1 and β = 0.5, one epoch (reference: 94.0 %)."""
-  config = load_config("configs/mnist_depth.py", "width=128,hidden_layers=8")
-  config.data.data_dir = str(mnist_data_dir)
-  config.checkpoint_every_steps = 10_000
-  start = time.perf_counter()
-  result = train.train_and_evaluate(config, str(tmp_path))
-  print(f"1 epoch, width 128, H = 8: {result['accuracy']:.4f} in {time.perf_counter() - start:.1f} s")
-  assert result["examples"] == 10_000
-  assert result["accuracy"] >= 0.93
-
-
-
-def test_learning_reaches_down_the_stack_in_order(tmp_path, mnist_data_dir):
-  """μPC, width 128, H = 16, the paper's recipe, one epoch of real MNIST, one device.
+def test_one_epoch_of_real_mnist_learns_down_the_stack_in_order(tmp_path, mnist_data_dir):
+  """μPC, width 128, H = 16, the paper's recipe, one epoch of real MNIST, one
+  device: at least 93 % test accuracy (the reference library: 94.0 % at H = 8).
 
   The error reaches layer H−k only through k inference steps, each scaling it
   by about β/B, so no matrix may move more than the one above it (the readout
@@ -316,6 +304,7 @@ def test_learning_reaches_down_the_stack_in_order(tmp_path, mnist_data_dir):
              config="configs/mnist_depth.py:width=128,hidden_layers=16", timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
   final = [r for r in metrics.read(tmp_path / "metrics.jsonl") if r["split"] == "eval"][-1]
+  assert final["examples"] == 10_000 and final["accuracy"] >= 0.93, final["accuracy"]
   change = np.asarray(final["weight_change"])
   below_readout = change[:-1]
   assert below_readout[-1] > 1.0, change  # the top hidden matrices learn
