@@ -10,14 +10,23 @@ horizontal flip and rotation up to 10°.
 from configs import default
 
 
-def get_config(arg: str | None = None):
+BP_LEARNING_RATE = 1e-2
+
+
+def cifar10_recipe():
+  """The base config with the paper's CIFAR-10 data and training fields."""
   config = default.base_config()
   config.data.name = "cifar10"
   config.data.augment = True
-  config.model.hidden_layers = 128
   config.train.loss = "ce"
   config.train.batch_size = 128
   config.train.num_epochs = 20
   config.train.learning_rate = 0.1
   config.train.inference_lr = 0.01
-  return default.apply_arg(config, arg, bp_learning_rate=1e-2)
+  return config
+
+
+def get_config(arg: str | None = None):
+  config = cifar10_recipe()
+  config.model.hidden_layers = 128
+  return default.apply_arg(config, arg, bp_learning_rate=BP_LEARNING_RATE)

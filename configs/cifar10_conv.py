@@ -9,20 +9,13 @@ each, 27 hidden layers, T = 27; η and β as the paper's CIFAR-10 runs (0.1,
 0.01), 20 epochs. Meant for a GPU; ``:smoke`` runs a tiny one anywhere.
 """
 
-from configs import default
+from configs import cifar10_128, default
 
 
 def get_config(arg: str | None = None):
-  config = default.base_config()
-  config.data.name = "cifar10"
-  config.data.augment = True
+  config = cifar10_128.cifar10_recipe()
   config.model.kind = "conv"
   config.model.width = 32
   config.model.stages = 3
   config.model.residual_layers = 8
-  config.train.loss = "ce"
-  config.train.batch_size = 128
-  config.train.num_epochs = 20
-  config.train.learning_rate = 0.1
-  config.train.inference_lr = 0.01
-  return default.apply_arg(config, arg, bp_learning_rate=1e-2)
+  return default.apply_arg(config, arg, bp_learning_rate=cifar10_128.BP_LEARNING_RATE)

@@ -16,7 +16,7 @@ weights are N(0, 1); under standard PC, U(±1/√fan_in), PyTorch's default.
 With 1×1 images and 1×1 kernels this is exactly the dense ``ResidualPCN``.
 """
 
-from typing import Sequence, get_args
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +24,7 @@ from flax import nnx
 
 from mupc_flax import parameterization as parameterization_lib
 from mupc_flax.model import (ACTIVATIONS, MATMUL_DTYPES, Dense, HiddenProducts, Premultiplier,
-                             residual_product)
+                             check_options, residual_product)
 
 
 def conv(h: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
@@ -94,13 +94,7 @@ class ConvResidualPCN(nnx.Module):
     for name, value in [("kernel_size", kernel_size), ("stem_stride", stem_stride)]:
       if not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-    if activation not in ACTIVATIONS:
-      raise ValueError(f"Unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}.")
-    if matmul_dtype not in MATMUL_DTYPES:
-      raise ValueError(f"matmul_dtype must be one of {list(MATMUL_DTYPES)}, got {matmul_dtype!r}.")
-    if hidden_products not in get_args(HiddenProducts):
-      raise ValueError(f"hidden_products must be one of {list(get_args(HiddenProducts))}, got "
-                       f"{hidden_products!r}.")
+    check_options(activation, hidden_products, matmul_dtype)
     if hidden_products == "auto":
       hidden_products = "per_layer" if jax.default_backend() == "cpu" else "batched"
     p = parameterization_lib.get(parameterization)

@@ -102,6 +102,18 @@ class Dense(nnx.Module):
     return a.reshape(a.shape + (1,) * (x.ndim - a.ndim)) * jnp.matmul(x, self.kernel[...])
 
 
+def check_options(activation: str, hidden_products: str, matmul_dtype: str) -> None:
+  """Raises ValueError for an activation, product layout or product dtype that
+  does not exist (the options every network takes)."""
+  if activation not in ACTIVATIONS:
+    raise ValueError(f"Unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}.")
+  if hidden_products not in get_args(HiddenProducts):
+    raise ValueError(f"hidden_products must be one of {list(get_args(HiddenProducts))}, got "
+                     f"{hidden_products!r}.")
+  if matmul_dtype not in MATMUL_DTYPES:
+    raise ValueError(f"matmul_dtype must be one of {list(MATMUL_DTYPES)}, got {matmul_dtype!r}.")
+
+
 class ResidualPCN(nnx.Module):
   """Fully connected residual PCN: input layer, H−1 residual layers, readout.
 
@@ -143,13 +155,7 @@ class ResidualPCN(nnx.Module):
                         ("hidden_layers", hidden_layers), ("out_features", out_features)]:
       if not isinstance(value, int) or value < 1:
         raise ValueError(f"ResidualPCN needs {name} to be a positive integer, got {value!r}.")
-    if activation not in ACTIVATIONS:
-      raise ValueError(f"Unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}.")
-    if hidden_products not in get_args(HiddenProducts):
-      raise ValueError(f"hidden_products must be 'auto', 'batched' or 'per_layer', got "
-                       f"{hidden_products!r}.")
-    if matmul_dtype not in MATMUL_DTYPES:
-      raise ValueError(f"matmul_dtype must be one of {list(MATMUL_DTYPES)}, got {matmul_dtype!r}.")
+    check_options(activation, hidden_products, matmul_dtype)
     if hidden_products == "auto":
       hidden_products = _fastest_layout(width, hidden_layers)
     p = parameterization_lib.get(parameterization)
