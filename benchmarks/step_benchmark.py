@@ -16,6 +16,13 @@ medians and ratios measured side by side mean anything): median seconds per
 step over --repeats rounds after warm-up, compile time apart. FLOPs are
 counted analytically (matrix products only) for the work each variant does;
 the FLOP rate is compared with a large matrix product timed in the same run.
+Bytes per step come from a model of what the inference loop moves through
+memory (``inference_bytes``; dense networks only), the rate compared with a
+large copy timed in the same run, and "of roofline" divides the roofline time
+max(FLOPs / product peak, bytes / copy peak) by the measured time.
+On a GPU the fused Pallas inference step (``--levers``) and the three product
+precisions are timed too; on CPU Pallas runs only in interpret mode (a
+correctness check, not a speed), so it is not timed there.
 Imports only jax, flax, optax and mupc_flax's core, so it runs wherever JAX does.
 """
 
@@ -49,16 +56,19 @@ class Variant:
   step: object  # callable(state) -> state, blocks on the result
   state: object
   flops: float
+  bytes: float = float("nan")
+  precision: str = "float32"
   compile_seconds: float = float("nan")
   memory_bytes: float = float("nan")
   times: list = dataclasses.field(default_factory=list)
 
 
-def matmul_peak(dtype, n: int) -> float:
-  """FLOP/s of one n×n×n matrix product (median of 5)."""
+def matmul_peak(precision: str, n: int) -> float:
+  """FLOP/s of one n×n×n matrix product at ``precision`` (median of 5)."""
+  dtype, lax_precision = mf.model.PRECISIONS[precision]
   a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
   b = jax.random.normal(jax.random.PRNGKey(1), (n, n), dtype)
-  f = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
+  f = jax.jit(lambda a, b: jnp.matmul(a, b, precision=lax_precision, preferred_element_type=jnp.float32))
   jax.block_until_ready(f(a, b))
   times = []
   for _ in range(5):
@@ -66,6 +76,40 @@ def matmul_peak(dtype, n: int) -> float:
     jax.block_until_ready(f(a, b))
     times.append(time.perf_counter() - start)
   return 2 * n ** 3 / statistics.median(times)
+
+
+def copy_bandwidth(megabytes: int) -> float:
+  """Bytes/s of reading and writing one float32 array of ``megabytes`` (median of 5)."""
+  x = jnp.ones((megabytes * 2**18,), jnp.float32)
+  f = jax.jit(lambda x: x * 1.0001)
+  jax.block_until_ready(f(x))
+  times = []
+  for _ in range(5):
+    start = time.perf_counter()
+    jax.block_until_ready(f(x))
+    times.append(time.perf_counter() - start)
+  return 2 * x.nbytes / statistics.median(times)
+
+
+def inference_bytes(model, batch: int, blocks, fused: bool) -> float:
+  """Bytes the inference loop of a dense network moves per train step (a model).
+
+  Per inference step each active layer's residual weights are read twice (the
+  product into the layer above, the errors back through Wᵀ) in the products'
+  dtype, and [B, N] float32 activity arrays are read or written: 9 per layer
+  in the fused Pallas step (errors: δ_{k−1}, z⁰_{k−1}, δ_k, e_k; update:
+  e_{k+1}, e_k, δ_k, z⁰_k, δ_k; re-reads of a row by a layer's column tiles
+  assumed to hit L2), and about 16 in XLA's loop body (two batched products'
+  operands and results, four elementwise fusions, the copy of the carry:
+  ../shared/reference/GPU.md lists that body). The rest of the step (feed-
+  forward, weight gradient, Adam) is a few passes over the weights and is left out.
+  """
+  if isinstance(model, mf.ConvResidualPCN):
+    return float("nan")
+  n, weight_bytes = model.width, jnp.dtype(mf.model.PRECISIONS[model.precision][0]).itemsize
+  per_layer_step = 2 * n * n * weight_bytes + (9 if fused else 16) * batch * n * 4
+  layer_steps = sum(steps * (model.hidden_layers - first) for first, steps in blocks)
+  return layer_steps * per_layer_step
 
 
 def step_flops(entry: float, branch: list[float], readout: float, blocks, algorithm: str = "pc") -> float:
@@ -119,7 +163,8 @@ def build(config: str, **model_options):
 def ours(name, config, batch, mesh, *, algorithm="pc", attributes=None, **options) -> Variant:
   """mupc_flax's train step; ``options`` go to the model and to Inference,
   ``attributes`` are set on the model (its speed choices)."""
-  model_options = {k: options.pop(k) for k in ("hidden_products", "matmul_dtype") if k in options}
+  model_options = {k: options.pop(k) for k in ("hidden_products", "precision", "inference_kernel")
+                   if k in options}
   split = options.pop("split", None)
   model = build(config, **model_options)
   for key, value in (attributes or {}).items():
@@ -143,8 +188,10 @@ def ours(name, config, batch, mesh, *, algorithm="pc", attributes=None, **option
     return model_state, opt_state
 
   blocks = mf.pc._blocks(hidden, inference) if inference else ()
+  moved = (inference_bytes(model, batch, blocks, model.inference_kernel == "pallas")
+           if inference else float("nan"))
   return Variant(name, run, state, step_flops(*layer_flops(model, batch), blocks, algorithm),
-                 compile_seconds, memory)
+                 moved, model.precision, compile_seconds, memory)
 
 
 def reference(name, width, hidden, batch, host_loop: bool) -> Variant:
@@ -161,7 +208,8 @@ def reference(name, width, hidden, batch, host_loop: bool) -> Variant:
     return jax.block_until_ready(step(*state, x, y))
 
   costs = layer_flops(build(f"{width}x{hidden}"), batch)
-  return Variant(name, run, state, step_flops(*costs, ((0, hidden),)), compile_seconds)
+  return Variant(name, run, state, step_flops(*costs, ((0, hidden),)),
+                 compile_seconds=compile_seconds)
 
 
 def measure(variants: list[Variant], repeats: int, warmup: int = 2) -> None:
@@ -194,13 +242,14 @@ def main():
   device = jax.local_devices()[0]
   mesh = mf.make_mesh(jax.local_devices()[:1])
   peak_size = 4096 if device.platform == "gpu" else 2048
-  peaks = {name: matmul_peak(jnp.dtype(name), peak_size) for name in ("float32", "bfloat16")}
+  peaks = {name: matmul_peak(name, peak_size) for name in mf.model.PRECISIONS}
+  bandwidth = copy_bandwidth(1024 if device.platform == "gpu" else 256)
   header = (f"{datetime.date.today()} | {device.device_kind} ({device.platform}), "
             f"{os.cpu_count()} CPUs | jax {jax.__version__}, flax {flax.__version__}, "
             f"python {platform.python_version()}")
   print(header)
-  print(f"matmul peak ({peak_size}³): float32 {peaks['float32'] / 1e9:.1f} GFLOP/s, "
-        f"bfloat16 {peaks['bfloat16'] / 1e9:.1f} GFLOP/s")
+  print(f"matmul peak ({peak_size}³): " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peaks.items())
+        + f"; copy {bandwidth / 1e9:.1f} GB/s")
 
   rows = []
   for config in args.configs.split(","):
@@ -228,10 +277,16 @@ def main():
           ours(f"lever: wavefront, {hidden} phases", config, b, mesh, phases=hidden),
           ours("lever: batched products", config, b, mesh, hidden_products="batched"),
           ours("lever: per-layer products", config, b, mesh, hidden_products="per_layer"),
-          ours("lever: bfloat16 products", config, b, mesh, matmul_dtype="bfloat16"),
+          ours("precision: tf32", config, b, mesh, precision="tf32"),
+          ours("precision: bfloat16", config, b, mesh, precision="bfloat16"),
+          ours("lever: inference loops unrolled", config, b, mesh,
+               attributes={"unroll_inference": True}),
           ours("lever: one compiled function", config, b, mesh, split=False),
           ours("lever: two compiled functions", config, b, mesh, split=True),
       ]
+      if device.platform == "gpu":  # elsewhere Pallas only interprets (see the docstring)
+        variants += [ours(f"fused Pallas step, {p}", config, b, mesh, inference_kernel="pallas",
+                          precision=p) for p in mf.model.PRECISIONS]
     measure(variants, args.repeats)
     best_reference = min((statistics.median(v.times) for v in variants if v.name.startswith("reference")),
                          default=float("nan"))
@@ -241,7 +296,10 @@ def main():
           "config": config, "variant": v.name, "seconds": seconds,
           "examples_per_second": b / seconds, "compile_seconds": v.compile_seconds,
           "gflop": v.flops / 1e9, "gflop_per_second": v.flops / seconds / 1e9,
-          "fraction_of_peak": v.flops / seconds / peaks["float32"],
+          "fraction_of_peak": v.flops / seconds / peaks[v.precision],
+          "gb": v.bytes / 1e9, "gb_per_second": v.bytes / seconds / 1e9,
+          "fraction_of_copy_rate": v.bytes / seconds / bandwidth,
+          "fraction_of_roofline": max(v.flops / peaks[v.precision], v.bytes / bandwidth) / seconds,
           "speedup_vs_best_reference": best_reference / seconds,
           "temp_mib": v.memory_bytes / 2**20,
       })
@@ -249,16 +307,20 @@ def main():
 
   print()
   print(header)
-  print(f"| config | variant | s/step (median) | examples/s | compile s | GFLOP/step | GFLOP/s | of f32 peak | vs best reference | temp MiB |")
-  print("|---|---|---|---|---|---|---|---|---|---|")
+  print("| config | variant | ms/step (median) | examples/s | compile s | GFLOP/step | GFLOP/s | "
+        "of product peak | GB/step (model) | GB/s | of copy rate | of roofline | vs best reference | temp MiB |")
+  print("|---" * 14 + "|")
   for r in rows:
-    print(f"| {r['config']} | {r['variant']} | {r['seconds']:.4f} | {r['examples_per_second']:.0f} | "
+    print(f"| {r['config']} | {r['variant']} | {r['seconds'] * 1e3:.2f} | {r['examples_per_second']:.0f} | "
           f"{r['compile_seconds']:.1f} | {r['gflop']:.2f} | {r['gflop_per_second']:.1f} | "
-          f"{r['fraction_of_peak']:.0%} | {r['speedup_vs_best_reference']:.2f}× | {r['temp_mib']:.1f} |")
+          f"{r['fraction_of_peak']:.0%} | {r['gb']:.3f} | {r['gb_per_second']:.1f} | "
+          f"{r['fraction_of_copy_rate']:.0%} | {r['fraction_of_roofline']:.0%} | "
+          f"{r['speedup_vs_best_reference']:.2f}× | {r['temp_mib']:.1f} |")
   print(f"device peak memory: {peak_memory()}")
   if args.json:
     with open(args.json, "w") as f:
-      json.dump({"header": header, "peaks": peaks, "rows": rows}, f, indent=2)
+      json.dump({"header": header, "peaks": peaks, "copy_bytes_per_second": bandwidth, "rows": rows},
+                f, indent=2)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.activation = "relu"  # linear | relu | tanh | gelu
   config.model.parameterization = "mupc"  # mupc | sp
   config.model.hidden_products = "auto"  # auto | batched | per_layer (same result; speed differs)
-  config.model.matmul_dtype = "float32"  # float32 | bfloat16 (residual products; for GPUs)
+  config.model.precision = "float32"  # float32 | tf32 | bfloat16 (of the products; tf32 and bf16 for GPUs)
+  config.model.inference_kernel = "xla"  # xla | pallas (dense: the fused Pallas step; opt-in)
 
   config.train = ml_collections.ConfigDict()
   config.train.algorithm = "pc"  # pc | bp

@@ -23,20 +23,22 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mupc_flax import parameterization as parameterization_lib
-from mupc_flax.model import (ACTIVATIONS, MATMUL_DTYPES, Dense, HiddenProducts, Premultiplier,
+from mupc_flax.model import (ACTIVATIONS, PRECISIONS, Dense, HiddenProducts, Premultiplier,
                              check_options, residual_product)
 
 
-def conv(h: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
+def conv(h: jax.Array, kernel: jax.Array, precision: str = "float32", stride: int = 1) -> jax.Array:
   """h [B, H, W, C_in] ⊛ kernel [k, k, C_in, C_out], "SAME" padding, in the
-  kernel's dtype, accumulated in float32 -> [B, ⌈H/stride⌉, ⌈W/stride⌉, C_out]."""
+  kernel's dtype, accumulated in float32, at the XLA precision of
+  ``precision`` (a key of ``PRECISIONS``) -> [B, ⌈H/stride⌉, ⌈W/stride⌉, C_out]."""
   return jax.lax.conv_general_dilated(
       h.astype(kernel.dtype), kernel, (stride, stride), "SAME",
-      dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=jnp.float32)
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=PRECISIONS[precision][1],
+      preferred_element_type=jnp.float32)
 
 
 class Conv(nnx.Module):
-  """``multiplier · conv(x, kernel)``, no bias.
+  """``multiplier · conv(x, kernel)``, no bias, at the XLA precision of ``precision``.
 
   kernel [k, k, in, out], multiplier []; with ``stack=S``: S independent
   convolutions, kernel [S, k, k, in, out], multiplier [S].
@@ -44,15 +46,17 @@ class Conv(nnx.Module):
 
   def __init__(self, in_channels: int, out_channels: int, *, kernel_size: int, multiplier: float,
                init: parameterization_lib.Initializer, rngs: nnx.Rngs, stride: int = 1,
-               stack: int | None = None):
+               stack: int | None = None, precision: str = "float32"):
     lead = () if stack is None else (stack,)
     shape = lead + (kernel_size, kernel_size, in_channels, out_channels)
     self.kernel = nnx.Param(init(rngs.params(), shape, in_channels * kernel_size ** 2))
     self.multiplier = Premultiplier(jnp.full(lead, multiplier, jnp.float32))
     self.stride = stride
+    self.precision = precision
+    self.inference_kernel = "xla"  # the fused Pallas step covers the dense network only
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.multiplier[...] * conv(x, self.kernel[...], self.stride)
+    return self.multiplier[...] * conv(x, self.kernel[...], self.precision, self.stride)
 
 
 class ConvResidualPCN(nnx.Module):
@@ -68,7 +72,7 @@ class ConvResidualPCN(nnx.Module):
     kernel_size: k of every convolution.
     stem_stride: the stem's stride; 2 halves the resolution of every stage
       (about 4× less work).
-    activation, parameterization, hidden_products, matmul_dtype: as for
+    activation, parameterization, hidden_products, precision: as for
       ``ResidualPCN``; "auto" products are per layer on CPU, batched elsewhere.
     rngs: supplies the ``params`` key.
   """
@@ -76,7 +80,7 @@ class ConvResidualPCN(nnx.Module):
   def __init__(self, image_shape: Sequence[int], channels: Sequence[int],
                residual_layers: int | Sequence[int], out_features: int, *, kernel_size: int = 3,
                stem_stride: int = 1, activation: str = "relu", parameterization: str = "mupc",
-               hidden_products: HiddenProducts = "auto", matmul_dtype: str = "float32",
+               hidden_products: HiddenProducts = "auto", precision: str = "float32",
                rngs: nnx.Rngs):
     channels = tuple(channels)
     if isinstance(residual_layers, int):
@@ -94,7 +98,7 @@ class ConvResidualPCN(nnx.Module):
     for name, value in [("kernel_size", kernel_size), ("stem_stride", stem_stride)]:
       if not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-    check_options(activation, hidden_products, matmul_dtype)
+    check_options(activation, hidden_products, precision)
     if hidden_products == "auto":
       hidden_products = "per_layer" if jax.default_backend() == "cpu" else "batched"
     p = parameterization_lib.get(parameterization)
@@ -103,7 +107,8 @@ class ConvResidualPCN(nnx.Module):
     self.activation = activation
     self.parameterization = parameterization
     self.hidden_products = hidden_products
-    self.matmul_dtype = matmul_dtype
+    self.precision = precision
+    self.inference_kernel = "xla"  # the fused Pallas step covers the dense network only
     # XLA's CPU runtime runs a convolution about 3× slower inside a while loop
     # than outside (18 vs 53 ms per inference step at 14×14×8, jax 0.10.2;
     # partial unrolling does not help): there, inference loops are unrolled.
@@ -116,13 +121,14 @@ class ConvResidualPCN(nnx.Module):
     for s, (c, r) in enumerate(zip(channels, residual_layers)):
       c_in = image_shape[2] if s == 0 else channels[s - 1]
       entries.append(Conv(c_in, c, kernel_size=k, stride=stem_stride if s == 0 else 2, init=p.init,
-                          rngs=rngs, multiplier=p.entry_multiplier(c_in * k * k, num_layers)))
+                          rngs=rngs, multiplier=p.entry_multiplier(c_in * k * k, num_layers),
+                          precision=precision))
       stacks.append(Conv(c, c, kernel_size=k, stack=r, init=p.init, rngs=rngs,
-                         multiplier=p.residual_multiplier(c * k * k, num_layers)))
+                         multiplier=p.residual_multiplier(c * k * k, num_layers), precision=precision))
     self.entries = nnx.List(entries)  # the stem, then the downsampling convolutions
     self.stacks = nnx.List(stacks)  # the residual convolutions of each stage
     self.head = Dense(channels[-1], out_features, init=p.init, rngs=rngs,
-                      multiplier=p.readout_multiplier(channels[-1], num_layers))
+                      multiplier=p.readout_multiplier(channels[-1], num_layers), precision=precision)
 
   @property
   def hidden_layers(self) -> int:
@@ -164,7 +170,7 @@ class ConvResidualPCN(nnx.Module):
 
   def residual_branch(self, stage: int, weights, h):
     del stage
-    return residual_product(*weights, h, op=conv)
+    return residual_product(*weights, h, self.precision, op=conv)
 
   def readout(self, h: jax.Array) -> jax.Array:
     """μ_L from φ(z_top) [B, H, W, C]: global average pooling, then the head."""
@@ -184,7 +190,7 @@ class ConvResidualPCN(nnx.Module):
 
   @property
   def _dtype(self):
-    return MATMUL_DTYPES[self.matmul_dtype]
+    return PRECISIONS[self.precision][0]
 
   def feedforward(self, x: jax.Array) -> tuple[jax.Array, ...]:
     """The feed-forward pass: per stage, activities [1 + R_s, B, H_s, W_s, C_s]."""
@@ -194,7 +200,7 @@ class ConvResidualPCN(nnx.Module):
       kernels, multipliers = self.residual_weights(s)
       activities = [z]
       for k in range(len(multipliers)):  # unrolled: R is small, and XLA fuses across layers
-        z = multipliers[k] * conv(self.phi(z), kernels[k]) + z
+        z = multipliers[k] * conv(self.phi(z), kernels[k], self.precision) + z
         activities.append(z)
       stages.append(jnp.stack(activities))
       h = self.phi(z)

@@ -11,8 +11,9 @@ convolutional one (``conv``) has one stage per resolution. The methods of the
 stage protocol are ``stage_layers``, ``to_stages``/``from_stages``,
 ``entry``, ``residual_weights``, ``residual_branch``, ``readout``, ``phi``,
 ``weight_stacks``, and the attributes ``hidden_products`` (the layout of
-inference), ``gradient_products`` (that of the weight gradient) and
-``unroll_inference`` (whether inference loops are unrolled when compiled).
+inference), ``gradient_products`` (that of the weight gradient),
+``unroll_inference`` (whether inference loops are unrolled when compiled) and
+``inference_kernel`` ("xla", or "pallas" for the fused step of ``kernels``).
 """
 
 from typing import Callable, Literal, get_args
@@ -31,16 +32,30 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 
 HiddenProducts = Literal["auto", "batched", "per_layer"]
-MATMUL_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+InferenceKernel = Literal["xla", "pallas"]
+# The precision of the products: the dtype the residual products take their
+# inputs in, and the precision XLA runs every product at (accumulation is
+# float32 throughout). "float32" is true float32 everywhere. "tf32" is XLA's
+# default, which on NVIDIA GPUs (Ampere on) runs float32 products on TF32
+# tensor cores (10-bit mantissa inputs) and on CPU is float32. "bfloat16"
+# also stores the residual products' inputs in bfloat16.
+PRECISIONS = {
+    "float32": (jnp.float32, jax.lax.Precision.HIGHEST),
+    "tf32": (jnp.float32, jax.lax.Precision.DEFAULT),
+    "bfloat16": (jnp.bfloat16, jax.lax.Precision.DEFAULT),
+}
 
 
-def matmul(h: jax.Array, kernel: jax.Array) -> jax.Array:
-  """h [B, in] @ kernel [in, out] in the kernel's dtype, accumulated in float32."""
-  return jnp.matmul(h.astype(kernel.dtype), kernel, preferred_element_type=jnp.float32)
+def matmul(h: jax.Array, kernel: jax.Array, precision: str = "float32") -> jax.Array:
+  """h [B, in] @ kernel [in, out] in the kernel's dtype, accumulated in float32,
+  at the XLA precision of ``precision`` (a key of ``PRECISIONS``)."""
+  return jnp.matmul(h.astype(kernel.dtype), kernel, precision=PRECISIONS[precision][1],
+                    preferred_element_type=jnp.float32)
 
 
-def residual_product(kernels, multipliers: jax.Array, h, op: Callable = matmul):
-  """``multipliers[s] · op(h[s], kernels[s])`` for each layer s.
+def residual_product(kernels, multipliers: jax.Array, h, precision: str = "float32",
+                     op: Callable = matmul):
+  """``multipliers[s] · op(h[s], kernels[s], precision)`` for each layer s.
 
   Either layout: ``h`` [S, B, ...] with ``kernels`` [S, ...] (one batched
   operation over the layer axis), or tuples of S inputs [B, ...] and S kernels
@@ -50,11 +65,13 @@ def residual_product(kernels, multipliers: jax.Array, h, op: Callable = matmul):
   compiled loop can cost a copy per iteration.
   """
   if isinstance(h, tuple):
-    return tuple(multipliers[i] * op(h[i], kernels[i]) for i in range(len(h)))
+    return tuple(multipliers[i] * op(h[i], kernels[i], precision) for i in range(len(h)))
   if not len(h):
     return h
   scale = multipliers.reshape(multipliers.shape + (1,) * (h.ndim - 1))
-  return scale * (op(h, kernels) if op is matmul else jax.vmap(op)(h, kernels))
+  if op is matmul:  # one batched product
+    return scale * matmul(h, kernels, precision)
+  return scale * jax.vmap(lambda h, kernel: op(h, kernel, precision))(h, kernels)
 
 
 def _fastest_layout(width: int, hidden_layers: int) -> str:
@@ -76,7 +93,7 @@ class Premultiplier(nnx.Variable):
 
 
 class Dense(nnx.Module):
-  """``multiplier · x @ kernel``, no bias.
+  """``multiplier · x @ kernel``, no bias, at the XLA precision of ``precision``.
 
   Plain: kernel [in, out], multiplier [], x [..., in] -> [..., out].
   With ``stack=S``: S independent maps, kernel [S, in, out], multiplier [S],
@@ -92,26 +109,29 @@ class Dense(nnx.Module):
       init: parameterization_lib.Initializer,
       rngs: nnx.Rngs,
       stack: int | None = None,
+      precision: str = "float32",
   ):
     lead = () if stack is None else (stack,)
     self.kernel = nnx.Param(init(rngs.params(), lead + (in_features, out_features), in_features))
     self.multiplier = Premultiplier(jnp.full(lead, multiplier, jnp.float32))
+    self.precision = precision
 
   def __call__(self, x: jax.Array) -> jax.Array:
     a = self.multiplier[...]
-    return a.reshape(a.shape + (1,) * (x.ndim - a.ndim)) * jnp.matmul(x, self.kernel[...])
+    product = jnp.matmul(x, self.kernel[...], precision=PRECISIONS[self.precision][1])
+    return a.reshape(a.shape + (1,) * (x.ndim - a.ndim)) * product
 
 
-def check_options(activation: str, hidden_products: str, matmul_dtype: str) -> None:
-  """Raises ValueError for an activation, product layout or product dtype that
+def check_options(activation: str, hidden_products: str, precision: str) -> None:
+  """Raises ValueError for an activation, product layout or precision that
   does not exist (the options every network takes)."""
   if activation not in ACTIVATIONS:
     raise ValueError(f"Unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}.")
   if hidden_products not in get_args(HiddenProducts):
     raise ValueError(f"hidden_products must be one of {list(get_args(HiddenProducts))}, got "
                      f"{hidden_products!r}.")
-  if matmul_dtype not in MATMUL_DTYPES:
-    raise ValueError(f"matmul_dtype must be one of {list(MATMUL_DTYPES)}, got {matmul_dtype!r}.")
+  if precision not in PRECISIONS:
+    raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}.")
 
 
 class ResidualPCN(nnx.Module):
@@ -133,8 +153,14 @@ class ResidualPCN(nnx.Module):
       product each). Same result; "auto" takes the faster measured on the
       backend (docs/benchmarks.md): per_layer on CPU unless the residual stack
       is tiny, batched on GPU/TPU.
-    matmul_dtype: "float32", or "bfloat16" for the residual products (inputs
-      in bfloat16, accumulation in float32; for GPUs).
+    precision: of the products, a key of ``PRECISIONS``: "float32" (true
+      float32), "tf32" (XLA's default: TF32 tensor cores on NVIDIA GPUs) or
+      "bfloat16" (residual products take bfloat16 inputs). Accumulation is
+      float32 in all three; on CPU, "tf32" is float32.
+    inference_kernel: "xla" (inference steps as XLA compiles them), or
+      "pallas" for the fused two-kernel step of ``kernels`` (Triton on a GPU,
+      interpret mode elsewhere: for checking, not speed). It needs the
+      batched layout, which "auto" then takes.
     rngs: supplies the ``params`` key for the weight initialisation.
   """
 
@@ -148,31 +174,39 @@ class ResidualPCN(nnx.Module):
       activation: str = "relu",
       parameterization: str = "mupc",
       hidden_products: HiddenProducts = "auto",
-      matmul_dtype: str = "float32",
+      precision: str = "float32",
+      inference_kernel: InferenceKernel = "xla",
       rngs: nnx.Rngs,
   ):
     for name, value in [("in_features", in_features), ("width", width),
                         ("hidden_layers", hidden_layers), ("out_features", out_features)]:
       if not isinstance(value, int) or value < 1:
         raise ValueError(f"ResidualPCN needs {name} to be a positive integer, got {value!r}.")
-    check_options(activation, hidden_products, matmul_dtype)
+    check_options(activation, hidden_products, precision)
+    if inference_kernel not in get_args(InferenceKernel):
+      raise ValueError(f"inference_kernel must be one of {list(get_args(InferenceKernel))}, got "
+                       f"{inference_kernel!r}.")
+    if inference_kernel == "pallas" and hidden_products == "per_layer":
+      raise ValueError("The Pallas inference kernel needs hidden_products='batched' (or 'auto').")
     if hidden_products == "auto":
-      hidden_products = _fastest_layout(width, hidden_layers)
+      hidden_products = "batched" if inference_kernel == "pallas" else _fastest_layout(width, hidden_layers)
     p = parameterization_lib.get(parameterization)
     d, n, num_matrices = in_features, width, hidden_layers + 1
     self.activation = activation
     self.parameterization = parameterization
     self.hidden_products = hidden_products
-    self.matmul_dtype = matmul_dtype
+    self.precision = precision
+    self.inference_kernel = inference_kernel
     self.unroll_inference = False  # compiled loops of matrix products run at full speed
     # The weight gradient as one stacked product: on CPU at 256 × 32, 3.7 ms
     # against 23 ms for per-layer products (whichever layout inference uses).
     self.gradient_products = "batched"
-    self.input_layer = Dense(d, n, multiplier=p.entry_multiplier(d, num_matrices), init=p.init, rngs=rngs)
+    self.input_layer = Dense(d, n, multiplier=p.entry_multiplier(d, num_matrices), init=p.init,
+                             rngs=rngs, precision=precision)
     self.hidden = Dense(n, n, multiplier=p.residual_multiplier(n, num_matrices), init=p.init,
-                        rngs=rngs, stack=hidden_layers - 1)
+                        rngs=rngs, stack=hidden_layers - 1, precision=precision)
     self.readout = Dense(n, out_features, multiplier=p.readout_multiplier(n, num_matrices),
-                         init=p.init, rngs=rngs)
+                         init=p.init, rngs=rngs, precision=precision)
 
   @property
   def hidden_layers(self) -> int:
@@ -214,7 +248,7 @@ class ResidualPCN(nnx.Module):
     to them), for their inputs ``h`` (φ(z), or differences of φ), either
     layout: see ``residual_product``."""
     del stage
-    return residual_product(*weights, h)
+    return residual_product(*weights, h, self.precision)
 
   @staticmethod
   def weight_stacks(params) -> list[jax.Array]:
@@ -229,7 +263,7 @@ class ResidualPCN(nnx.Module):
 
   @property
   def _dtype(self):
-    return MATMUL_DTYPES[self.matmul_dtype]
+    return PRECISIONS[self.precision][0]
 
   def feedforward(self, x: jax.Array) -> jax.Array:
     """The feed-forward pass: hidden activities z [H, B, N] with z_ℓ = μ_ℓ."""
@@ -244,13 +278,13 @@ class ResidualPCN(nnx.Module):
       # by more work (here, the inference loops) runs slower.
       activities = [z]
       for k in range(len(multipliers)):
-        z = residual_product((kernels[k],), multipliers[k:k + 1], (self.phi(z),))[0] + z
+        z = self.residual_branch(0, ((kernels[k],), multipliers[k:k + 1]), (self.phi(z),))[0] + z
         activities.append(z)
       return jnp.stack(activities)
 
     def layer(z, params):
       kernel, a = params
-      z = residual_product(kernel[None], a[None], self.phi(z)[None])[0] + z
+      z = self.residual_branch(0, (kernel[None], a[None]), self.phi(z)[None])[0] + z
       return z, (z if keep_all else None)
 
     top, rest = jax.lax.scan(layer, z, (kernels, multipliers))

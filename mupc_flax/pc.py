@@ -26,11 +26,13 @@ gradient), and small activity changes keep full relative precision.
 import dataclasses
 import itertools
 import math
-from typing import Any, Literal, NamedTuple, get_args
+from typing import Any, Callable, Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from mupc_flax import kernels
 
 # Any network that implements the stage protocol (ResidualPCN, ConvResidualPCN).
 Network = Any
@@ -259,6 +261,49 @@ def _bottom_shift(model: Network, start: _Start, delta: tuple, weights: tuple, s
   return jnp.zeros_like(start.z[0][0])  # the input projection a_1 W_1 x never moves
 
 
+def _transpose(f: Callable, h) -> Callable:
+  """The transpose of the linear map ``f`` at inputs shaped like ``h``: for a
+  layer's product h ↦ a·hW, e ↦ a·eWᵀ (XLA sees the transposed product
+  directly, with no forward product to prune)."""
+  transpose = jax.linear_transpose(f, h)
+  return lambda cotangent: transpose(cotangent)[0]
+
+
+def _activity_gradient(model: Network, start: _Start, y: jax.Array, delta: tuple, stage: int,
+                       index: int, bottom_shift: jax.Array, weights: tuple, loss: Loss,
+                       batch_size: int) -> tuple:
+  """∂F/∂δ of the layers from (``stage``, ``index``) up, in closed form.
+
+  With e the errors and J_{k+1} the linear map from φ(z_k) to the prediction
+  of the layer above (a residual branch, the next stage's entry, or the
+  readout, whose "error" is the output error ε):
+
+      B · ∂F/∂δ_k = e_k − e_{k+1} [if layer k+1 has a skip] − φ'(z_k) ⊙ J_{k+1}ᵀ e_{k+1}.
+
+  This is what ``jax.grad`` of the block's energy computes, written so that
+  each transposed product feeds one elementwise update (on CPU at 256 × 32,
+  inference 1.16× faster than through ``jax.grad``). Layers the wavefront has
+  not reached have e = 0 and get exactly zero.
+  """
+  errors, phis = _errors(model, start, delta, stage, index, bottom_shift, weights)
+  above = output_errors(model.readout(phis[-1][-1]), y, loss)
+  above = _transpose(model.readout, phis[-1][-1])(above)
+  grads = []
+  for i in reversed(range(len(errors))):
+    s, low = stage + i, index if i == 0 else 0
+    e, phi = errors[i], phis[i]
+    z = jax.tree.map(jnp.add, start.z[s][low:], delta[i])
+    slope = jax.tree.map(lambda v: jax.jvp(model.phi, (v,), (jnp.ones_like(v),))[1], z)
+    branch = lambda h, s=s, w=weights[i]: model.residual_branch(s, w, h)
+    back = _join(_transpose(branch, phi[:-1])(e[1:]), _single(above, e))
+    skip = _join(e[1:], _single(jnp.zeros_like(above), e))
+    grads.append(jax.tree.map(lambda e, skip, slope, back: (e - skip - slope * back) / batch_size,
+                              e, skip, slope, back))
+    if i:  # the entry of stage s, predicted from the top of the stage below
+      above = _transpose(lambda h, s=s: model.entry(s, h), phis[i - 1][-1])(e[0])
+  return tuple(reversed(grads))
+
+
 def _descend(model: Network, start: _Start, y: jax.Array, blocks: tuple[tuple[int, int], ...],
              lr: float, loss: Loss, batch_size: int) -> tuple:
   """Gradient descent on the activities; returns the deviations δ from the
@@ -275,13 +320,17 @@ def _descend(model: Network, start: _Start, y: jax.Array, blocks: tuple[tuple[in
     # Sliced once, outside the loop.
     block_weights = (tuple(w[index:] for w in weights[stage]),) + weights[stage + 1:]
 
-    def block_energy(d, stage=stage, index=index, bottom_shift=bottom_shift, w=block_weights):
-      errors, phi = _errors(model, start, d, stage, index, bottom_shift, w)
-      output = jnp.sum(output_losses(model.readout(phi[-1][-1]), y, loss))
-      return (0.5 * sum(jnp.sum(_per_layer_sum_of_squares(e)) for e in errors) + output) / batch_size
+    if model.inference_kernel == "pallas" and kernels.applies(model, stage, index):
+      fused = kernels.fused_step(
+          model, start.z[0][index:], None if start.errors is None else start.errors[0][index:],
+          bottom_shift, block_weights[0], y, lambda outputs, y: output_errors(outputs, y, loss),
+          lr, batch_size)
+      step = lambda _, d, fused=fused: (fused(d[0]),)
+    else:
+      def step(_, d, stage=stage, index=index, bottom_shift=bottom_shift, w=block_weights):
+        grad = _activity_gradient(model, start, y, d, stage, index, bottom_shift, w, loss, batch_size)
+        return jax.tree.map(lambda v, g: v - lr * g, d, grad)
 
-    grad = jax.grad(block_energy)
-    step = lambda _, d: jax.tree.map(lambda v, g: v - lr * g, d, grad(d))
     block = jax.lax.fori_loop(0, num_steps, step, (delta[stage][index:],) + delta[stage + 1:],
                               unroll=bool(model.unroll_inference) or 1)
     delta = delta[:stage] + (_join(delta[stage][:index], block[0]),) + block[1:]
@@ -376,7 +425,7 @@ def pc_weight_gradients(model: Network, x: jax.Array, result: InferenceResult,
   so ∂F/∂W is the transpose of that map applied to −e/B: for the dense
   network ∂F/∂W_ℓ = −(a_ℓ/B) φ(z_{ℓ-1})ᵀe_ℓ (x for W_1; ε for the readout),
   for a convolution its weight gradient. A layer whose error is exactly zero
-  gets exactly zero. The products are float32 whatever ``matmul_dtype``.
+  gets exactly zero. The weights enter in float32 even under "bfloat16" precision.
   """
   scale = -1.0 / (batch_size or x.shape[0])
   per_layer = model.gradient_products == "per_layer"

@@ -25,7 +25,7 @@ from flax import nnx
 from mupc_flax import checkpointing, data, diagnostics, metrics, pc, sharding, steps
 from mupc_flax.conv import ConvResidualPCN
 from mupc_flax.errors import UserError, check_writable_dir
-from mupc_flax.model import ACTIVATIONS, MATMUL_DTYPES, HiddenProducts, ResidualPCN
+from mupc_flax.model import ACTIVATIONS, PRECISIONS, HiddenProducts, InferenceKernel, ResidualPCN
 from mupc_flax.parameterization import PARAMETERIZATIONS
 
 ModelKind = Literal["dense", "conv"]
@@ -41,7 +41,8 @@ _CHOICES = {
     "model.activation": tuple(ACTIVATIONS),
     "model.parameterization": tuple(PARAMETERIZATIONS),
     "model.hidden_products": get_args(HiddenProducts),
-    "model.matmul_dtype": tuple(MATMUL_DTYPES),
+    "model.precision": tuple(PRECISIONS),
+    "model.inference_kernel": get_args(InferenceKernel),
     "train.algorithm": get_args(steps.Algorithm),
     "train.loss": get_args(pc.Loss),
     "train.schedule": get_args(pc.Schedule),
@@ -75,6 +76,12 @@ def validate_config(config, num_devices: int, num_processes: int) -> None:
   if not callable(getattr(optax, config.train.optimizer, None)):
     raise TrainingError(f"config.train.optimizer = {config.train.optimizer!r} is not an optax "
                         "optimizer (e.g. adam, sgd, adamw).")
+  if config.model.inference_kernel == "pallas" and config.model.kind != "dense":
+    raise TrainingError("config.model.inference_kernel = 'pallas' covers the dense network only; "
+                        "use 'xla' for model.kind = 'conv'.")
+  if config.model.inference_kernel == "pallas" and config.model.hidden_products == "per_layer":
+    raise TrainingError("config.model.inference_kernel = 'pallas' needs model.hidden_products = "
+                        "'batched' or 'auto'.")
   if config.data.augment and config.data.name != "cifar10":
     raise TrainingError("config.data.augment is the CIFAR-10 augmentation; set it only for cifar10.")
   for field in ("train.batch_size", "eval_batch_size"):
@@ -116,7 +123,7 @@ def _check_finite(window: list[dict], first_step: int) -> None:
 def build_model(config, spec: data.pipeline.DatasetSpec) -> pc.Network:
   """The network ``config.model`` describes, for inputs and classes of ``spec``."""
   common = dict(activation=config.model.activation, parameterization=config.model.parameterization,
-                hidden_products=config.model.hidden_products, matmul_dtype=config.model.matmul_dtype,
+                hidden_products=config.model.hidden_products, precision=config.model.precision,
                 rngs=nnx.Rngs(config.seed))
   if config.model.kind == "conv":
     channels = tuple(config.model.width * 2**s for s in range(config.model.stages))
@@ -124,7 +131,7 @@ def build_model(config, spec: data.pipeline.DatasetSpec) -> pc.Network:
                            spec.num_classes, kernel_size=config.model.kernel_size,
                            stem_stride=config.model.stem_stride, **common)
   return ResidualPCN(spec.input_size, config.model.width, config.model.hidden_layers,
-                     spec.num_classes, **common)
+                     spec.num_classes, inference_kernel=config.model.inference_kernel, **common)
 
 
 def evaluate(eval_step, model_state, split: data.Split, mesh, batch_size: int) -> dict:

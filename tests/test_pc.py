@@ -3,6 +3,7 @@
 import itertools
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -197,14 +198,31 @@ def test_input_projection_is_not_recomputed_inside_inference():
       assert shapes and not any(d_in in shape for shape in shapes)
 
 
-def test_bfloat16_products_are_used_and_close_to_float32():
+def _products(jaxpr):
+  """Every dot_general equation of a jaxpr, nested ones included."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      yield eqn
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      yield from _products(sub)
+
+
+def test_precision_reaches_every_product_and_bfloat16_stays_close_to_float32():
   x, y = oracles.random_batch(12, 32, D, C)
   grads = {}
-  for dtype in ("float32", "bfloat16"):
-    model = make_model("mupc", "relu", hidden_layers=6, width=64, matmul_dtype=dtype)
-    grads[dtype], _ = mf.pc_gradients(model, x, y, mf.Inference(6, 2.0))
-    jaxpr = str(jax.make_jaxpr(lambda m: mf.pc_gradients(m, x, y, mf.Inference(6, 2.0))[0])(model))
-    assert ("bf16" in jaxpr) == (dtype == "bfloat16")
+  highest = jax.lax.Precision.HIGHEST
+  for precision in ("float32", "tf32", "bfloat16"):
+    model = make_model("mupc", "relu", hidden_layers=6, width=64, precision=precision)
+    grads[precision], _ = mf.pc_gradients(model, x, y, mf.Inference(6, 2.0))
+    jaxpr = jax.make_jaxpr(lambda m: mf.pc_gradients(m, x, y, mf.Inference(6, 2.0))[0])(model)
+    products = list(_products(jaxpr.jaxpr))
+    assert len(products) > 10
+    for eqn in products:  # true float32 asks XLA for HIGHEST; tf32 and bf16 take its default
+      assert (eqn.params["precision"] == (highest, highest)) == (precision == "float32")
+    assert ("bf16" in str(jaxpr)) == (precision == "bfloat16")
+  # On the CPU, where the tests run, XLA computes tf32 products in float32.
+  for a, b in zip(jax.tree.leaves(grads["float32"]), jax.tree.leaves(grads["tf32"])):
+    np.testing.assert_array_equal(b, a)
   for a, b in zip(jax.tree.leaves(grads["float32"]), jax.tree.leaves(grads["bfloat16"])):
     a, b = np.ravel(a), np.ravel(b)
     cosine = a @ b / (np.linalg.norm(a) * np.linalg.norm(b))

@@ -93,11 +93,17 @@ def test_configs_hold_the_paper_settings(path, arg, expected):
     ("train.algorithm", "ep", "config.train.algorithm = 'ep' is not one of"),
     ("train.optimizer", "adamm", "not an optax optimizer"),
     ("train.batch_size", 60, "divisible by the number of devices \\(8\\)"),
+    ("model.precision", "fp16", "config.model.precision = 'fp16' is not one of"),
+    ("model.inference_kernel", "triton", "config.model.inference_kernel = 'triton' is not one of"),
+    ("model.inference_kernel,model.kind", ("pallas", "conv"), "covers the dense network only"),
+    ("model.inference_kernel,model.hidden_products", ("pallas", "per_layer"), "needs model.hidden_products"),
 ])
 def test_config_errors_are_clear(field, value, message):
   config = load_config("configs/default.py")
-  section, name = field.split(".")
-  config[section][name] = value
+  fields, values = field.split(","), value if "," in field else (value,)
+  for field, value in zip(fields, values):
+    section, name = field.split(".")
+    config[section][name] = value
   with pytest.raises(train.TrainingError, match=message):
     train.validate_config(config, num_devices=8, num_processes=1)
 
