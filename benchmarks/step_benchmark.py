@@ -187,7 +187,7 @@ def ours(name, config, batch, mesh, *, algorithm="pc", attributes=None, **option
     jax.block_until_ready(metrics)
     return model_state, opt_state
 
-  blocks = mf.pc._blocks(hidden, inference) if inference else ()
+  blocks = inference.blocks(hidden) if inference else ()
   moved = (inference_bytes(model, batch, blocks, model.inference_kernel == "pallas")
            if inference else float("nan"))
   return Variant(name, run, state, step_flops(*layer_flops(model, batch), blocks, algorithm),

@@ -9,6 +9,9 @@ The text after ':' is a comma-separated list of variants and overrides:
   smoke             a tiny model for 60 steps (seconds on a CPU)
   sp                standard PC (η = 1e-2, β = 1e-2), the paper's Fig. 1 baseline
   bp                the same network trained by backprop ("BP with Depth-μP" under μPC)
+  deep              inference that reaches the bottom layers (docs/results.md, section 9):
+                    heavy-ball momentum 0.95, T = 3H steps, β = 0.5·B (a per-sample step
+                    of 0.5), and BP's weight learning rate
   name=value        a field of config.model, config.train or config.data by its name,
                     e.g. hidden_layers=32,width=256
 """
@@ -17,6 +20,13 @@ import ml_collections
 
 # The paper's BP learning rate for this experiment (MUPC.md: 1e-2, 1e-3 for linear nets).
 BP_LEARNING_RATE = 1e-2
+# The deep-inference recipe, measured in docs/results.md (section 9): heavy-ball
+# momentum on the activities with this per-sample step β/B, this many steps
+# per hidden layer, and BP's weight learning rate (every layer now gets a
+# BP-sized gradient, so Adam moves every layer).
+DEEP_MOMENTUM = 0.95
+DEEP_STEP_PER_SAMPLE = 0.5
+DEEP_STEPS_PER_LAYER = 3
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -54,8 +64,12 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.num_steps = 0  # > 0: train this many steps instead of num_epochs
   config.train.optimizer = "adam"  # an optax optimizer taking learning_rate
   config.train.learning_rate = 0.1  # η (weights)
-  config.train.inference_steps = 0  # T; 0 -> T = H
+  config.train.inference_steps = 0  # T; 0 -> T = steps_per_layer × H
+  config.train.steps_per_layer = 1  # T = steps_per_layer × H when inference_steps is 0
   config.train.inference_lr = 0.5  # β (activities), on the batch-mean energy
+  config.train.inference_optimizer = "gd"  # gd | momentum | nesterov (on the activities)
+  config.train.inference_momentum = 0.0  # μ of momentum and nesterov, in [0, 1)
+  config.train.inference_tolerance = 0.0  # > 0: stop once ‖∂F/∂z‖ < this × its start (T: the cap)
   config.train.schedule = "wavefront"  # wavefront | plain (same result)
   config.train.phases = 8  # blocks of the wavefront schedule
 
@@ -63,6 +77,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval_every_steps = 0  # 0 -> evaluate once per epoch and at the end
   config.eval_batch_size = 1000  # the whole test split is evaluated, the last batch padded
   config.log_hessian = False  # at each eval: activity-Hessian spectrum of one test example (small nets)
+  config.log_gradient_agreement = True  # PC at each eval: per-layer PC–BP gradient cosine, and reach
   config.checkpoint_every_steps = 500
   config.keep_checkpoints = 3
   return config
@@ -81,18 +96,31 @@ def _parse_value(item: str, current, value: str):
                      f"{type(current).__name__}.") from None
 
 
+def _override(config: ml_collections.ConfigDict, item: str) -> None:
+  """Applies one ``name=value`` item to the field of that name."""
+  name, value = item.split("=", 1)
+  sections = [s for s in (config.model, config.train, config.data) if name in s]
+  if len(sections) != 1:
+    raise ValueError(f"Config argument {item!r}: {name!r} is not a field of "
+                     "config.model, config.train or config.data.")
+  sections[0][name] = _parse_value(item, sections[0][name], value)
+
+
 def apply_arg(config: ml_collections.ConfigDict, arg: str | None,
               bp_learning_rate: float = BP_LEARNING_RATE) -> ml_collections.ConfigDict:
-  """Applies the variants and ``name=value`` overrides of a config argument."""
-  for item in filter(None, (arg or "").split(",")):
+  """Applies the variants and ``name=value`` overrides of a config argument.
+
+  Overrides win over variants wherever they stand, and variants see them
+  (``batch_size=128,deep`` sets β for a batch of 128).
+  """
+  items = list(filter(None, (arg or "").split(",")))
+  overrides = [item for item in items if "=" in item]
+  for item in overrides:
+    _override(config, item)
+  for item in items:
     if "=" in item:
-      name, value = item.split("=", 1)
-      sections = [s for s in (config.model, config.train, config.data) if name in s]
-      if len(sections) != 1:
-        raise ValueError(f"Config argument {item!r}: {name!r} is not a field of "
-                         "config.model, config.train or config.data.")
-      sections[0][name] = _parse_value(item, sections[0][name], value)
-    elif item == "smoke":
+      continue
+    if item == "smoke":
       config.model.width = 8 if config.model.kind == "conv" else 64
       config.model.hidden_layers = 4
       config.model.residual_layers = 1
@@ -107,8 +135,16 @@ def apply_arg(config: ml_collections.ConfigDict, arg: str | None,
     elif item == "bp":
       config.train.algorithm = "bp"
       config.train.learning_rate = bp_learning_rate
+    elif item == "deep":
+      config.train.inference_optimizer = "momentum"
+      config.train.inference_momentum = DEEP_MOMENTUM
+      config.train.steps_per_layer = DEEP_STEPS_PER_LAYER
+      config.train.inference_lr = DEEP_STEP_PER_SAMPLE * config.train.batch_size
+      config.train.learning_rate = bp_learning_rate
     else:
-      raise ValueError(f"Unknown config variant {item!r}; use smoke, sp, bp or name=value.")
+      raise ValueError(f"Unknown config variant {item!r}; use smoke, sp, bp, deep or name=value.")
+  for item in overrides:
+    _override(config, item)
   return config
 
 

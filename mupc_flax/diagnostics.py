@@ -95,13 +95,21 @@ def hessian_spectrum(model: pc.Network, x: jax.Array, y: jax.Array, *, z=None,
 
 
 def _flat(tree) -> np.ndarray:
-  return np.concatenate([np.ravel(np.asarray(v)) for v in jax.tree.leaves(tree)])
+  return np.concatenate([np.ravel(np.asarray(v, np.float64)) for v in jax.tree.leaves(tree)])
 
 
 def cosine(a, b) -> float:
-  """Cosine similarity of two pytrees of arrays, flattened."""
+  """Cosine similarity of two pytrees of arrays, flattened, in float64.
+
+  Each vector is normalised before the product, so gradients of any size
+  (1e-30 as well as 1e3) give a cosine in [−1, 1]. A zero vector has no
+  direction: its cosine with anything is 0.
+  """
   a, b = _flat(a), _flat(b)
-  return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+  norm_a, norm_b = np.linalg.norm(a), np.linalg.norm(b)
+  if norm_a == 0 or norm_b == 0:
+    return 0.0
+  return float(np.clip((a / norm_a) @ (b / norm_b), -1.0, 1.0))
 
 
 def layer_kernels(model: pc.Network, params) -> list[np.ndarray]:
@@ -110,17 +118,38 @@ def layer_kernels(model: pc.Network, params) -> list[np.ndarray]:
   return [np.asarray(w) for stack in model.weight_stacks(params) for w in stack]
 
 
+def reach(layer_cosines, threshold: float = 0.9) -> int:
+  """The lowest weight matrix (1 = the bottom one, L = the readout) whose PC
+  gradient has a cosine above ``threshold`` with BP's; L + 1 if none has.
+
+  1 means that the inference signal agrees with backprop all the way down.
+  """
+  above = np.flatnonzero(np.asarray(layer_cosines) > threshold)
+  return int(above[0]) + 1 if above.size else len(layer_cosines) + 1
+
+
+@nnx.jit(static_argnames=("inference", "loss"))
+def _pc_and_bp_gradients(model: pc.Network, x, y, inference: pc.Inference, loss: pc.Loss):
+  pc_grads, measured = pc.pc_gradients(model, x, y, inference, loss=loss)
+  return pc_grads, pc.bp_gradients(model, x, y, loss=loss)[0], measured["inference_steps"]
+
+
 def pc_bp_agreement(model: pc.Network, x: jax.Array, y: jax.Array, inference: pc.Inference, *,
                     loss: pc.Loss = "mse") -> dict:
-  """Cosine between the PC weight gradient at the end of inference and the BP gradient.
+  """How the PC weight gradient at the end of inference compares with BP's.
 
-  Returns {"cosine": over all weights, "layer_cosines": [L] per matrix}.
+  Returns {"cosine": over all weights, "layer_cosines": [L] per matrix,
+  "norm_ratios": [L] ‖PC‖/‖BP‖ per matrix (0 for a zero PC gradient),
+  "reach": ``reach`` of the cosines, "inference_steps": the steps inference
+  took}. One compiled function per model shape, inference and loss.
   """
-  pc_grads, _ = pc.pc_gradients(model, x, y, inference, loss=loss)
-  bp_grads, _ = pc.bp_gradients(model, x, y, loss=loss)
-  per_layer = [cosine(a, b) for a, b in zip(layer_kernels(model, pc_grads),
-                                            layer_kernels(model, bp_grads))]
-  return {"cosine": cosine(pc_grads, bp_grads), "layer_cosines": per_layer}
+  pc_grads, bp_grads, steps = _pc_and_bp_gradients(model, x, y, inference, loss)
+  pairs = list(zip(layer_kernels(model, pc_grads), layer_kernels(model, bp_grads)))
+  cosines = [cosine(a, b) for a, b in pairs]
+  ratios = [float(np.linalg.norm(np.asarray(a, np.float64)) / np.linalg.norm(np.asarray(b, np.float64)))
+            for a, b in pairs]
+  return {"cosine": cosine(pc_grads, bp_grads), "layer_cosines": cosines, "norm_ratios": ratios,
+          "reach": reach(cosines), "inference_steps": int(steps)}
 
 
 def relative_weight_change(model: pc.Network, initial, current) -> np.ndarray:

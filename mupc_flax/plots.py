@@ -1,9 +1,11 @@
 """Figures: LR-transfer heatmaps, accuracy vs depth, training curves, coordinate
-checks, per-layer learning and Hessian conditioning. Needs matplotlib
-(``pip install -e '.[plots]'``). Each function writes one image file.
+checks, per-layer learning, PC–BP cosine profiles and Hessian conditioning.
+Needs matplotlib (``pip install -e '.[plots]'``). Each function writes one
+image file.
 
     python -m mupc_flax.plots sweep runs/sweep            # -> runs/sweep/lr_transfer.png
     python -m mupc_flax.plots curves runs/a runs/b --out=curves.png
+    python -m mupc_flax.plots cosines runs/a runs/b --out=cosines.png
 """
 
 import importlib.util
@@ -144,6 +146,20 @@ def layer_learning(profiles: dict[str, np.ndarray], path, ylabel: str = "‖W �
   return _save(fig, path)
 
 
+def cosine_profile(profiles: dict[str, np.ndarray], path, threshold: float = 0.9) -> pathlib.Path:
+  """The per-matrix cosine between the PC and the BP weight gradient against
+  layer index, one line per method; the dotted line is the reach threshold."""
+  fig, ax = plt.subplots(figsize=(5, 3.4))
+  for name, values in profiles.items():
+    ax.plot(np.arange(1, len(values) + 1), values, "o-", markersize=3, label=name)
+  ax.axhline(threshold, color="grey", linestyle=":")
+  ax.set_ylim(min(-0.05, *(min(v) for v in profiles.values())), 1.02)
+  ax.set_xlabel("weight matrix ℓ (1 = input, L = readout)")
+  ax.set_ylabel("cos(PC gradient, BP gradient)")
+  ax.legend(fontsize=8)
+  return _save(fig, path)
+
+
 def hessian_condition(rows: list[dict], path) -> pathlib.Path:
   """Condition number of the activity Hessian against depth, one line per
   (parameterisation, width). ``rows``: dicts with those keys and "condition"."""
@@ -164,8 +180,9 @@ def hessian_condition(rows: list[dict], path) -> pathlib.Path:
 
 
 _OUT = flags.DEFINE_string("out", None, "Image file to write (default: lr_transfer.png in the "
-                           "sweep folder; curves.png in the current directory).")
-_USAGE = "usage: python -m mupc_flax.plots sweep SWEEP_DIR | curves WORKDIR... [--out=FILE]"
+                           "sweep folder; curves.png or cosines.png in the current directory).")
+_USAGE = ("usage: python -m mupc_flax.plots sweep SWEEP_DIR | curves WORKDIR... | cosines WORKDIR... "
+          "[--out=FILE]")
 
 
 def _records(folder: pathlib.Path, name: str, made_by: str) -> pathlib.Path:
@@ -176,7 +193,7 @@ def _records(folder: pathlib.Path, name: str, made_by: str) -> pathlib.Path:
 
 def main(argv: list[str]) -> None:
   command, folders = (argv[1], argv[2:]) if len(argv) > 2 else (None, [])
-  if command not in ("sweep", "curves") or (command == "sweep" and len(folders) != 1):
+  if command not in ("sweep", "curves", "cosines") or (command == "sweep" and len(folders) != 1):
     raise app.UsageError(f"{_USAGE} (got {argv[1:] or 'nothing'}).")
   folders = [cli.resolve_path(f, command.upper()) for f in folders]
   if command == "sweep":
@@ -187,12 +204,22 @@ def main(argv: list[str]) -> None:
     check_writable_dir(out.parent, "The folder of --out")
     by = "width" if len({r["width"] for r in rows}) > 1 else "hidden_layers"
     print(lr_transfer(rows, out, by=by))
-  else:
-    for folder in folders:
-      _records(folder, "metrics.jsonl", "python -m mupc_flax.main (its --workdir)")
-    out = cli.resolve_path(_OUT.value or "curves.png", "--out")
-    check_writable_dir(out.parent, "The folder of --out")
+    return
+  paths = [_records(folder, "metrics.jsonl", "python -m mupc_flax.main (its --workdir)")
+           for folder in folders]
+  out = cli.resolve_path(_OUT.value or f"{command}.png", "--out")
+  check_writable_dir(out.parent, "The folder of --out")
+  if command == "curves":
     print(training_curves({folder.name: folder for folder in folders}, out))
+    return
+  profiles = {}
+  for folder, path in zip(folders, paths):
+    evals = [r for r in metrics.read(path) if r["split"] == "eval" and "pc_bp_cosines" in r]
+    if not evals:
+      raise UserError(f"{path} has no PC–BP cosines: they are logged at each evaluation of a PC run "
+                      "with config.log_gradient_agreement = true.")
+    profiles[f"{folder.name}, step {evals[-1]['step']}"] = evals[-1]["pc_bp_cosines"]
+  print(cosine_profile(profiles, out))
 
 
 if __name__ == "__main__":

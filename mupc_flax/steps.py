@@ -76,9 +76,12 @@ def make_train_step(model: pc.Network, optimizer: nnx.Optimizer,
 
   def local_inference(model_state, x, y):
     model = nnx.merge(model_def, model_state)
-    result, metrics = pc.pc_inference(model, x, y, inference, loss=loss, batch_size=global_batch(x))
-    # Metrics are local sums over the global-batch normaliser: add them up.
-    return result, jax.lax.psum(metrics, sharding.DATA_AXIS)
+    result, metrics = pc.pc_inference(model, x, y, inference, loss=loss, batch_size=global_batch(x),
+                                      axis_name=sharding.DATA_AXIS)
+    # Metrics are local sums over the global-batch normaliser: add them up
+    # (the steps inference took are the same on every device).
+    steps_taken = metrics.pop("inference_steps")
+    return result, jax.lax.psum(metrics, sharding.DATA_AXIS) | {"inference_steps": steps_taken}
 
   def local_weight_gradients(model_state, x, result):
     # Marking the weights device-varying makes every gradient a local one

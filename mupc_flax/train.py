@@ -46,14 +46,17 @@ _CHOICES = {
     "train.algorithm": get_args(steps.Algorithm),
     "train.loss": get_args(pc.Loss),
     "train.schedule": get_args(pc.Schedule),
+    "train.inference_optimizer": get_args(pc.Optimizer),
 }
 _POSITIVE = ("model.width", "model.hidden_layers", "model.stages", "model.kernel_size",
              "model.stem_stride",
              "train.batch_size", "train.num_epochs",
-             "train.learning_rate", "train.phases", "log_every_steps", "eval_batch_size",
+             "train.learning_rate", "train.phases", "train.steps_per_layer", "log_every_steps",
+             "eval_batch_size",
              "keep_checkpoints", "checkpoint_every_steps")
 _NON_NEGATIVE = ("model.residual_layers", "train.num_steps", "train.inference_steps", "train.inference_lr",
-                 "eval_every_steps", "data.prefetch")
+                 "train.inference_momentum", "train.inference_tolerance", "eval_every_steps",
+                 "data.prefetch")
 
 
 def _get(config, dotted: str):
@@ -76,6 +79,17 @@ def validate_config(config, num_devices: int, num_processes: int) -> None:
   if not callable(getattr(optax, config.train.optimizer, None)):
     raise TrainingError(f"config.train.optimizer = {config.train.optimizer!r} is not an optax "
                         "optimizer (e.g. adam, sgd, adamw).")
+  for field in ("train.inference_momentum", "train.inference_tolerance"):
+    if not _get(config, field) < 1:
+      raise TrainingError(f"config.{field} must be below 1, got {_get(config, field)!r}.")
+  if config.train.inference_momentum and config.train.inference_optimizer == "gd":
+    raise TrainingError("config.train.inference_momentum needs train.inference_optimizer = "
+                        "'momentum' or 'nesterov'.")
+  if config.model.inference_kernel == "pallas" and (config.train.inference_optimizer != "gd"
+                                                    or config.train.inference_tolerance):
+    raise TrainingError("config.model.inference_kernel = 'pallas' runs plain gradient descent for a "
+                        "fixed number of steps: set train.inference_optimizer = 'gd' and "
+                        "train.inference_tolerance = 0, or use model.inference_kernel = 'xla'.")
   if config.model.inference_kernel == "pallas" and config.model.kind != "dense":
     raise TrainingError("config.model.inference_kernel = 'pallas' covers the dense network only; "
                         "use 'xla' for model.kind = 'conv'.")
@@ -134,6 +148,15 @@ def build_model(config, spec: data.pipeline.DatasetSpec) -> pc.Network:
                      spec.num_classes, inference_kernel=config.model.inference_kernel, **common)
 
 
+def inference_of(config, model: pc.Network) -> pc.Inference:
+  """The inference ``config.train`` describes, for ``model``'s depth."""
+  train = config.train
+  return pc.Inference(steps=train.inference_steps or train.steps_per_layer * model.hidden_layers,
+                      lr=train.inference_lr, schedule=train.schedule, phases=train.phases,
+                      optimizer=train.inference_optimizer, momentum=train.inference_momentum,
+                      tolerance=train.inference_tolerance)
+
+
 def evaluate(eval_step, model_state, split: data.Split, mesh, batch_size: int) -> dict:
   """Loss and accuracy of the feed-forward prediction over the whole split."""
   total = None
@@ -150,14 +173,24 @@ def evaluate(eval_step, model_state, split: data.Split, mesh, batch_size: int) -
 
 def _layer_diagnostics(config, model: pc.Network, model_state, initial_params,
                        split: data.Split) -> dict:
-  """Which layers learn (‖W − W⁰‖/‖W⁰‖ per matrix) and, if ``config.log_hessian``,
-  the activity Hessian's spectrum for the first test example."""
+  """Which layers learn (‖W − W⁰‖/‖W⁰‖ per matrix); for PC, if
+  ``config.log_gradient_agreement``, the per-matrix cosine of the PC gradient
+  with BP's and its reach on a fixed batch (the first training batch size of
+  the test split); if ``config.log_hessian``, the activity Hessian's spectrum
+  for the first test example."""
   current = jax.device_get(model_state)
+  network = nnx.merge(nnx.graphdef(model), current)
   out = {"weight_change": diagnostics.relative_weight_change(model, initial_params, current)}
+  if config.log_gradient_agreement and config.train.algorithm == "pc":
+    rows = np.arange(min(config.train.batch_size, len(split)))
+    batch = data.pipeline.preprocess(*split.read(rows), split.spec)
+    agreement = diagnostics.pc_bp_agreement(network, batch["x"], batch["y"],
+                                            inference_of(config, model), loss=config.train.loss)
+    out |= {"pc_bp_cosines": agreement["layer_cosines"], "reach": agreement["reach"]}
   if config.log_hessian:
     example = data.pipeline.preprocess(*split.read(np.array([0])), split.spec)
-    spectrum = diagnostics.hessian_spectrum(nnx.merge(nnx.graphdef(model), current),
-                                            example["x"][0], example["y"][0], loss=config.train.loss)
+    spectrum = diagnostics.hessian_spectrum(network, example["x"][0], example["y"][0],
+                                            loss=config.train.loss)
     out |= {"hessian_condition": spectrum["condition"], "hessian_min": spectrum["min"],
             "hessian_max": spectrum["max"]}
   return out
@@ -227,9 +260,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike,
   model = build_model(config, train_split.spec)
   optimizer = nnx.Optimizer(model, getattr(optax, config.train.optimizer)(config.train.learning_rate),
                             wrt=nnx.Param)
-  inference = pc.Inference(steps=config.train.inference_steps or model.hidden_layers,
-                           lr=config.train.inference_lr, schedule=config.train.schedule,
-                           phases=config.train.phases)
+  inference = inference_of(config, model)
   train_step = steps.make_train_step(model, optimizer, mesh, algorithm=config.train.algorithm,
                                      inference=inference, loss=config.train.loss)
   eval_step = steps.make_eval_step(model, mesh, loss=config.train.loss)

@@ -73,16 +73,24 @@ def jax_feedforward(weights, multipliers, x, activation):
   return z
 
 
-def jax_pc_gradients(weights, multipliers, x, y, activation, loss, steps, lr):
-  """The paper's recipe, step by step in float64: FF start, T steps on z, ∂F/∂W."""
+def jax_pc_gradients(weights, multipliers, x, y, activation, loss, steps, lr, momentum=0.0,
+                     nesterov=False):
+  """The recipe step by step in float64: FF start, T steps on z, ∂F/∂W.
+
+  The steps are gradient descent (the paper), or with ``momentum`` μ heavy
+  ball (v ← μv + g, z ← z − lr·v) or, with ``nesterov``, z ← z − lr·(g + μv).
+  """
   with jax.enable_x64(True):
     weights = [jnp.asarray(w, jnp.float64) for w in weights]
     x, y = jnp.asarray(x, jnp.float64), jnp.asarray(y, jnp.float64)
     z = jax_feedforward(weights, multipliers, x, activation)
+    v = [jnp.zeros_like(zl) for zl in z]
     grad_z = jax.grad(jax_energy, argnums=2)
     for _ in range(steps):
       g = grad_z(weights, multipliers, z, x, y, activation, loss)
-      z = [zl - lr * gl for zl, gl in zip(z, g)]
+      v = [momentum * vl + gl for vl, gl in zip(v, g)]
+      step = [gl + momentum * vl for gl, vl in zip(g, v)] if nesterov else v
+      z = [zl - lr * sl for zl, sl in zip(z, step)]
     grads = jax.grad(jax_energy)(weights, multipliers, z, x, y, activation, loss)
     return [np.asarray(g) for g in grads], [np.asarray(v) for v in z]
 

@@ -186,7 +186,7 @@ CASES = {
     "mistyped config field": Case(lambda s: s.main("--config.model.widht=3"),
                                   r"--config\.model\.widht: the config has no field 'widht'; did you mean 'width'\?"),
     "unknown variant": Case(lambda s: s.main(config="configs/default.py:smok"),
-                            r"Unknown config variant 'smok'; use smoke, sp, bp or name=value"),
+                            r"Unknown config variant 'smok'; use smoke, sp, bp, deep or name=value"),
     "bad name=value": Case(lambda s: s.main(config="configs/default.py:width=abc"),
                            r"'width=abc': 'abc' is not a valid int"),
     "unknown name=value": Case(lambda s: s.main(config="configs/default.py:wdth=3"),

@@ -1,66 +1,76 @@
-"""Predictive coding: energy, inference over activities, weight gradients.
+"""Inference: minimising the energy over the hidden activities, weights fixed.
 
-The energy of a batch, averaged over its B samples (B is the *global* batch
-when the batch is split over devices):
+From the feed-forward start z⁰, inference takes up to T steps of an
+optimiser on the activities (the paper: plain gradient descent,
+z ← z − β ∂F/∂z, T = H). The engine sees every network through the stage
+protocol (``model``): a stack of stages, each an entry layer and residual
+layers of one shape; the dense network is the one-stage case.
 
-    F = (1/B) Σ_i [ Σ_{ℓ=1..H} ½‖e_ℓ‖² + ℓ_out(y, μ_L) ],   e_ℓ = z_ℓ − μ_ℓ,
-
-with ℓ_out = ½‖y − μ_L‖² ("mse") or −Σ_c y_c log softmax(μ_L)_c ("ce").
-Inference is T steps of z ← z − β ∂F/∂z from the feed-forward start; learning
-takes ∂F/∂W at the final activities. Shapes: x [B, D], y [B, C], and z in the
-model's own form: [H, B, N] for the dense ``ResidualPCN``, a tuple of
-per-stage arrays [L_s, B, H_s, W_s, C_s] for the ``ConvResidualPCN``.
-
-The engine sees every network through the stage protocol (``model``): a
-stack of stages, each an entry layer and residual layers of one shape. One
-engine serves both networks; the dense one is the one-stage case.
-
-Inference tracks the activities as deviations δ = z − z⁰ from their start z⁰
-and the errors as e_ℓ = e⁰_ℓ + δ_ℓ − δ_{ℓ-1} − a_ℓ (φ(z_{ℓ-1}) − φ(z⁰_{ℓ-1})) W_ℓ.
+It tracks the activities as deviations δ = z − z⁰ from their start and the
+errors as e_ℓ = e⁰_ℓ + δ_ℓ − δ_{ℓ-1} − a_ℓ (φ(z_{ℓ-1}) − φ(z⁰_{ℓ-1})) W_ℓ.
 This is the same function, but at the feed-forward start e⁰ = 0 by definition
 rather than by cancellation of rounded numbers: layers the inference signal
 has not reached keep an error of exactly zero (and get exactly zero weight
-gradient), and small activity changes keep full relative precision.
+gradient), and small activity changes keep full relative precision. Every
+optimiser keeps that exactness as long as a zero gradient with a zero state
+gives a zero update, which holds for any elementwise optax transformation
+whose state starts at zero (momentum, Nesterov, Adam, RMSProp, …).
 """
 
 import dataclasses
 import itertools
 import math
-from typing import Any, Callable, Literal, NamedTuple, get_args
+from typing import Callable, Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+import optax
 
 from mupc_flax import kernels
+from mupc_flax.pc import layout
+from mupc_flax.pc.energy import (Loss, Network, count_correct, output_errors, output_losses,
+                                 predictions)
 
-# Any network that implements the stage protocol (ResidualPCN, ConvResidualPCN).
-Network = Any
-
-Loss = Literal["mse", "ce"]
 Schedule = Literal["plain", "wavefront"]
+# The inference optimisers that ``Inference.lr`` and ``momentum`` describe.
+Optimizer = Literal["gd", "momentum", "nesterov"]
 
 
 @dataclasses.dataclass(frozen=True)
 class Inference:
-  """The fixed-step inference of the paper's recipe.
+  """How inference runs: the optimiser, its steps and when it stops.
 
   Attributes:
-    steps: T, the number of gradient steps on the activities (the paper: T = H).
-    lr: β, the activity learning rate, applied to the gradient of the batch
-      *mean* energy (so each sample moves by β/B times its own gradient).
+    steps: T, the number of steps on the activities (the paper: T = H); with
+      a ``tolerance``, the most steps taken.
+    lr: β, the activity learning rate of the named optimisers, applied to the
+      gradient of the batch *mean* energy (each sample moves by β/B times its
+      own gradient). None with an optax ``optimizer``, which holds its own.
     schedule: "plain" updates every layer at every step. "wavefront" gives the
-      same result from the feed-forward start with about half the work: after
-      t steps only the top t+1 layers can have a non-zero error, so step t
-      touches only those (in ``phases`` blocks of static shape).
+      same result from the feed-forward start with about half the work when
+      T = H: after t steps only the top t+1 layers can have a non-zero error,
+      so step t touches only those (in ``phases`` blocks of static shape).
     phases: number of blocks the growing wavefront is cut into (more blocks,
       less work, more compiled code).
+    optimizer: "gd" (the paper: δ ← δ − β g), "momentum" (heavy ball:
+      v ← μ v + g, δ ← δ − β v), "nesterov" (δ ← δ − β (g + μ v) with v as
+      for heavy ball), or any elementwise ``optax.GradientTransformation``
+      (e.g. ``optax.adam(0.1)``), whose updates are added to the activities
+      as jpc does with its activity optimiser.
+    momentum: μ of "momentum" and "nesterov", in [0, 1).
+    tolerance: 0 runs exactly ``steps`` steps. Above 0, inference stops
+      early once ‖∂F/∂z‖ (over every layer and sample of the global batch)
+      has fallen below ``tolerance`` times its value at the first step: an
+      approximate equilibrium.
   """
 
   steps: int
-  lr: float
+  lr: float | None
   schedule: Schedule = "wavefront"
   phases: int = 8
+  optimizer: Optimizer | optax.GradientTransformation = "gd"
+  momentum: float = 0.0
+  tolerance: float = 0.0
 
   def __post_init__(self):
     if not isinstance(self.steps, int) or self.steps < 0:
@@ -69,54 +79,35 @@ class Inference:
       raise ValueError(f"Unknown inference schedule {self.schedule!r}; choose 'plain' or 'wavefront'.")
     if not isinstance(self.phases, int) or self.phases < 1:
       raise ValueError(f"Inference phases must be a positive integer, got {self.phases!r}.")
+    if isinstance(self.optimizer, optax.GradientTransformation):
+      if self.lr is not None:
+        raise ValueError("An optax inference optimizer holds its own learning rate: pass lr=None.")
+    elif self.optimizer not in get_args(Optimizer):
+      raise ValueError(f"Unknown inference optimizer {self.optimizer!r}; choose one of "
+                       f"{list(get_args(Optimizer))} or pass an optax.GradientTransformation.")
+    elif self.lr is None or not self.lr >= 0:
+      raise ValueError(f"The inference optimizer {self.optimizer!r} needs a learning rate lr >= 0, "
+                       f"got {self.lr!r}.")
+    if not 0 <= self.momentum < 1:
+      raise ValueError(f"Inference momentum must be in [0, 1), got {self.momentum!r}.")
+    if self.momentum and self.optimizer == "gd":
+      raise ValueError("Inference momentum needs optimizer='momentum' or 'nesterov'.")
+    if not 0 <= self.tolerance < 1:
+      raise ValueError(f"Inference tolerance must be in [0, 1) (0: fixed steps), got "
+                       f"{self.tolerance!r}.")
 
+  def transformation(self) -> optax.GradientTransformation:
+    """The optimiser as an optax transformation of ∂F/∂δ into the update of δ."""
+    if isinstance(self.optimizer, optax.GradientTransformation):
+      return self.optimizer
+    return optax.sgd(self.lr, momentum=None if self.optimizer == "gd" else self.momentum,
+                     nesterov=self.optimizer == "nesterov")
 
-def output_losses(outputs: jax.Array, y: jax.Array, loss: Loss) -> jax.Array:
-  """Per-sample output loss [B] of outputs μ_L [B, C] against targets y [B, C]."""
-  if loss == "mse":
-    return 0.5 * jnp.sum(jnp.square(y - outputs), axis=-1)
-  if loss == "ce":
-    return -jnp.sum(y * jax.nn.log_softmax(outputs, axis=-1), axis=-1)
-  raise ValueError(f"Unknown loss {loss!r}; choose 'mse' or 'ce'.")
-
-
-def output_errors(outputs: jax.Array, y: jax.Array, loss: Loss) -> jax.Array:
-  """The output error −∂ℓ_out/∂μ_L [B, C]: y − μ_L (mse), y − Σy·softmax(μ_L) (ce)."""
-  if loss == "mse":
-    return y - outputs
-  if loss == "ce":
-    return y - jnp.sum(y, -1, keepdims=True) * jax.nn.softmax(outputs, axis=-1)
-  raise ValueError(f"Unknown loss {loss!r}; choose 'mse' or 'ce'.")
-
-
-def _predictions(model: Network, stages: tuple, x: jax.Array) -> tuple:
-  """The prediction μ of every hidden layer at activities ``stages``, per stage."""
-  predictions, below = [], x
-  for s, z in enumerate(stages):
-    residual = model.residual_branch(s, model.residual_weights(s), model.phi(z[:-1])) + z[:-1]
-    predictions.append(jnp.concatenate([model.entry(s, below)[None], residual]))
-    below = model.phi(z[-1])
-  return tuple(predictions)
-
-
-def layer_energies(model: Network, z, x: jax.Array, y: jax.Array, *,
-                   loss: Loss = "mse", batch_size: int | None = None) -> jax.Array:
-  """Per-layer energies [H + 1] at activities z: hidden layers 1…H (bottom to
-  top, over every stage), then the output.
-
-  Each is a batch mean (divided by ``batch_size``, default x.shape[0]).
-  """
-  stages = model.to_stages(z)
-  hidden = jnp.concatenate([0.5 * _per_layer_sum_of_squares(z - mu)
-                            for z, mu in zip(stages, _predictions(model, stages, x))])
-  output = jnp.sum(output_losses(model.readout(model.phi(stages[-1][-1])), y, loss))
-  return jnp.append(hidden, output) / (batch_size or x.shape[0])
-
-
-def energy(model: Network, z, x: jax.Array, y: jax.Array, *,
-           loss: Loss = "mse", batch_size: int | None = None) -> jax.Array:
-  """The energy F (scalar), the sum of ``layer_energies``."""
-  return jnp.sum(layer_energies(model, z, x, y, loss=loss, batch_size=batch_size))
+  def blocks(self, hidden_layers: int) -> tuple[tuple[int, int], ...]:
+    """The schedule as (first layer updated, number of steps) blocks."""
+    if self.schedule == "plain":
+      return ((0, self.steps),) if self.steps else ()
+    return wavefront_phases(hidden_layers, self.steps, self.phases)
 
 
 def wavefront_phases(hidden_layers: int, steps: int, phases: int) -> tuple[tuple[int, int], ...]:
@@ -145,43 +136,6 @@ def wavefront_phases(hidden_layers: int, steps: int, phases: int) -> tuple[tuple
   return tuple(merged)
 
 
-def _blocks(hidden_layers: int, inference: Inference) -> tuple[tuple[int, int], ...]:
-  if inference.schedule == "plain":
-    return ((0, inference.steps),) if inference.steps else ()
-  return wavefront_phases(hidden_layers, inference.steps, inference.phases)
-
-
-# Inference holds each stage's layers either as one [S, B, ...] array
-# ("batched") or as a tuple of S [B, ...] arrays ("per_layer"). Both support
-# x[i], x[a:b] and len(x), and jax.tree.map applies element-wise maps to
-# either; these helpers cover the rest.
-
-
-def _layout(x: jax.Array, per_layer: bool):
-  return tuple(x) if per_layer else x
-
-
-def _stacked(x) -> jax.Array:
-  return jnp.stack(x) if isinstance(x, tuple) else x
-
-
-def _join(lower, upper):
-  if isinstance(upper, tuple):
-    return tuple(lower) + upper
-  return jnp.concatenate([lower, upper]) if len(lower) else upper
-
-
-def _single(x: jax.Array, like):
-  """One layer's [B, ...] array as a one-layer slice in the layout of ``like``."""
-  return (x,) if isinstance(like, tuple) else x[None]
-
-
-def _per_layer_sum_of_squares(x) -> jax.Array:
-  if isinstance(x, tuple):
-    return jnp.stack([jnp.sum(jnp.square(v)) for v in x]) if x else jnp.zeros((0,))
-  return jnp.sum(jnp.square(x), axis=tuple(range(1, x.ndim)))
-
-
 def _locate(model: Network, layer: int) -> tuple[int, int]:
   """(stage, index within the stage) of hidden layer ``layer`` (0 = the bottom)."""
   for stage, top in enumerate(itertools.accumulate(model.stage_layers)):
@@ -206,8 +160,8 @@ def _start(model: Network, stages: tuple, errors: tuple | None) -> _Start:
   # recompute z⁰ inside the fusions that use it, rounded differently
   # (seen: one ulp), and φ(z⁰ + δ) − φ(z⁰) is no longer exactly zero where δ is.
   stages, phi = jax.lax.optimization_barrier((stages, tuple(model.phi(z) for z in stages)))
-  layout = lambda arrays: tuple(_layout(a, per_layer) for a in arrays)
-  return _Start(layout(stages), layout(phi), None if errors is None else layout(errors))
+  arrange = lambda arrays: tuple(layout.arrange(a, per_layer) for a in arrays)
+  return _Start(arrange(stages), arrange(phi), None if errors is None else arrange(errors))
 
 
 def _residual_weights(model: Network) -> tuple:
@@ -237,7 +191,7 @@ def _errors(model: Network, start: _Start, delta: tuple, stage: int, index: int,
     if i:  # the stage's entry layer, predicted from the top of the stage below
       shift = model.entry(s, phis[-1][-1] - start.phi[s - 1][-1])
     moved = model.residual_branch(s, weights[i], jax.tree.map(jnp.subtract, phi[:-1], phi0[:-1]))
-    shifts = _join(_single(shift, d), jax.tree.map(jnp.add, moved, d[:-1]))
+    shifts = layout.join(layout.single(shift, d), jax.tree.map(jnp.add, moved, d[:-1]))
     e = jax.tree.map(jnp.subtract, d, shifts)
     if start.errors is not None:
       e = jax.tree.map(jnp.add, e, start.errors[s][low:])
@@ -254,7 +208,7 @@ def _bottom_shift(model: Network, start: _Start, delta: tuple, weights: tuple, s
     below = delta[stage][index - 1]
     moved = model.phi(start.z[stage][index - 1] + below) - start.phi[stage][index - 1]
     branch = tuple(w[index - 1:index] for w in weights[stage])
-    return model.residual_branch(stage, branch, _single(moved, delta[stage]))[0] + below
+    return model.residual_branch(stage, branch, layout.single(moved, delta[stage]))[0] + below
   if stage:  # a stage's entry layer, from the top of the stage below
     moved = model.phi(start.z[stage - 1][-1] + delta[stage - 1][-1]) - start.phi[stage - 1][-1]
     return model.entry(stage, moved)
@@ -295,8 +249,8 @@ def _activity_gradient(model: Network, start: _Start, y: jax.Array, delta: tuple
     z = jax.tree.map(jnp.add, start.z[s][low:], delta[i])
     slope = jax.tree.map(lambda v: jax.jvp(model.phi, (v,), (jnp.ones_like(v),))[1], z)
     branch = lambda h, s=s, w=weights[i]: model.residual_branch(s, w, h)
-    back = _join(_transpose(branch, phi[:-1])(e[1:]), _single(above, e))
-    skip = _join(e[1:], _single(jnp.zeros_like(above), e))
+    back = layout.join(_transpose(branch, phi[:-1])(e[1:]), layout.single(above, e))
+    skip = layout.join(e[1:], layout.single(jnp.zeros_like(above), e))
     grads.append(jax.tree.map(lambda e, skip, slope, back: (e - skip - slope * back) / batch_size,
                               e, skip, slope, back))
     if i:  # the entry of stage s, predicted from the top of the stage below
@@ -304,54 +258,118 @@ def _activity_gradient(model: Network, start: _Start, y: jax.Array, delta: tuple
   return tuple(reversed(grads))
 
 
-def _descend(model: Network, start: _Start, y: jax.Array, blocks: tuple[tuple[int, int], ...],
-             lr: float, loss: Loss, batch_size: int) -> tuple:
-  """Gradient descent on the activities; returns the deviations δ from the
-  start, per stage in the model's layout.
+def _activity_trees(tx: optax.GradientTransformation, state) -> list:
+  """The parts of an optimiser state shaped like the activities (e.g. the
+  momentum), in a fixed order."""
+  trees = []
+  optax.tree_map_params(tx, lambda tree: trees.append(tree) or tree, state, is_leaf=lambda _: True)
+  return trees
 
-  Each block (first layer, steps) is one compiled loop over the layers from
-  there to the top; nothing but the current δ is carried (no trajectory is stored).
+
+def _map_activity_trees(tx: optax.GradientTransformation, f: Callable, state, *others):
+  """``state`` with each activity-shaped part p replaced by f(p, *the same part
+  of each of ``others``); its other fields (e.g. step counts) kept."""
+  parts = iter(zip(*(_activity_trees(tx, o) for o in others))) if others else None
+  return optax.tree_map_params(tx, lambda tree: f(tree, *(next(parts) if parts else ())), state,
+                               is_leaf=lambda _: True)
+
+
+class _Progress(NamedTuple):
+  """Where inference is, for the stop at equilibrium: steps taken, and the
+  global ‖∂F/∂δ‖² at the first step and at the latest."""
+
+  steps: jax.Array
+  first: jax.Array
+  latest: jax.Array
+
+
+def _global_sum_of_squares(tree, axis_name: str | None) -> jax.Array:
+  total = sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree.leaves(tree))
+  return jax.lax.psum(total, axis_name) if axis_name else total
+
+
+def _descend(model: Network, start: _Start, y: jax.Array, inference: Inference, loss: Loss,
+             batch_size: int, axis_name: str | None) -> tuple[tuple, jax.Array]:
+  """Inference from ``start``; returns the deviations δ from the start, per
+  stage in the model's layout, and the number of steps taken.
+
+  Each block (first layer, steps) of the schedule is one compiled loop over
+  the layers from there to the top; the loop carries the block's δ and
+  optimiser state, nothing else (no trajectory is stored). Below the block,
+  δ, the gradient and the optimiser state are zero and stay so.
   """
+  tx = inference.transformation()
   delta = jax.tree.map(jnp.zeros_like, start.z)
+  state = tx.init(delta)
   weights = _residual_weights(model)
-  for first, num_steps in blocks:
+  stop = inference.tolerance > 0
+  progress = _Progress(jnp.zeros((), jnp.int32), jnp.zeros(()), jnp.full((), jnp.inf))
+  end = 0
+  for first, num_steps in inference.blocks(model.hidden_layers):
     stage, index = _locate(model, first)
     bottom_shift = _bottom_shift(model, start, delta, weights, stage, index)
     # Sliced once, outside the loop.
     block_weights = (tuple(w[index:] for w in weights[stage]),) + weights[stage + 1:]
+    block_state = _map_activity_trees(tx, lambda tree: layout.block(tree, stage, index), state)
 
     if model.inference_kernel == "pallas" and kernels.applies(model, stage, index):
+      if inference.optimizer != "gd" or stop:
+        raise ValueError("The Pallas inference kernel runs plain gradient descent for a fixed "
+                         "number of steps: use optimizer='gd' and tolerance=0, or "
+                         "inference_kernel='xla'.")
       fused = kernels.fused_step(
           model, start.z[0][index:], None if start.errors is None else start.errors[0][index:],
           bottom_shift, block_weights[0], y, lambda outputs, y: output_errors(outputs, y, loss),
-          lr, batch_size)
-      step = lambda _, d, fused=fused: (fused(d[0]),)
+          inference.lr, batch_size)
+      update = lambda d, s, fused=fused: ((fused(d[0]),), s, None)
     else:
-      def step(_, d, stage=stage, index=index, bottom_shift=bottom_shift, w=block_weights):
-        grad = _activity_gradient(model, start, y, d, stage, index, bottom_shift, w, loss, batch_size)
-        return jax.tree.map(lambda v, g: v - lr * g, d, grad)
+      def update(d, s, stage=stage, index=index, bottom_shift=bottom_shift, w=block_weights):
+        grad = _activity_gradient(model, start, y, d, stage, index, bottom_shift, w, loss,
+                                  batch_size)
+        updates, s = tx.update(grad, s, d)
+        return optax.apply_updates(d, updates), s, grad
 
-    block = jax.lax.fori_loop(0, num_steps, step, (delta[stage][index:],) + delta[stage + 1:],
-                              unroll=bool(model.unroll_inference) or 1)
-    delta = delta[:stage] + (_join(delta[stage][:index], block[0]),) + block[1:]
-  return delta
+    carry = (layout.block(delta, stage, index), block_state)
+    if stop:
+      end += num_steps
+
+      def step(carry, end=end, update=update):
+        d, s, p = carry
+        d, s, grad = update(d, s)
+        size = _global_sum_of_squares(grad, axis_name)
+        return d, s, _Progress(p.steps + 1, jnp.where(p.steps == 0, size, p.first), size)
+
+      def going(carry, end=end):
+        p = carry[2]
+        return (p.steps < end) & (p.latest > inference.tolerance ** 2 * p.first)
+
+      *carry, progress = jax.lax.while_loop(going, step, (*carry, progress))
+    else:
+      carry = jax.lax.fori_loop(0, num_steps, lambda _, c, update=update: update(*c)[:2], carry,
+                                unroll=bool(model.unroll_inference) or 1)
+    block_delta, block_state = carry
+    delta = layout.with_block(delta, block_delta, stage, index)
+    # The block's state carries the other fields (Adam's step count) on.
+    state = _map_activity_trees(
+        tx, lambda part, tree: layout.with_block(tree, part, stage, index), block_state, state)
+  steps_taken = progress.steps if stop else jnp.asarray(inference.steps, jnp.int32)
+  return delta, steps_taken
 
 
 def infer(model: Network, x: jax.Array, y: jax.Array, inference: Inference, *,
           z=None, loss: Loss = "mse", batch_size: int | None = None):
-  """Inference: ``inference.steps`` gradient steps on the hidden activities.
+  """Inference: up to ``inference.steps`` optimiser steps on the hidden activities.
 
   Args:
     model: the network (weights are held fixed).
     x: [B, D] clamped inputs.
     y: [B, C] clamped targets.
-    inference: steps T, rate β and schedule.
+    inference: the optimiser, its steps and rate, the schedule and the stop.
     z: starting activities, as ``model.feedforward`` gives them; None starts
       from the feed-forward pass (the paper's recipe, and the only start the
       wavefront schedule allows).
     loss: output energy, "mse" or "ce".
-    batch_size: B of the batch mean; defaults to x.shape[0]. Inside a
-      data-parallel step pass the *global* batch size.
+    batch_size: B of the batch mean; defaults to x.shape[0].
 
   Returns:
     The activities after inference, as z ([H, B, N] for the dense network).
@@ -364,14 +382,10 @@ def infer(model: Network, x: jax.Array, y: jax.Array, inference: Inference, *,
                      "call infer without z, or use Inference(schedule='plain').")
   else:
     stages = model.to_stages(z)
-    start_errors = tuple(z - mu for z, mu in zip(stages, _predictions(model, stages, x)))
-  delta = _descend(model, _start(model, stages, start_errors), y,
-                   _blocks(model.hidden_layers, inference), inference.lr, loss, batch_size or x.shape[0])
-  return model.from_stages(tuple(z + _stacked(d) for z, d in zip(stages, delta)))
-
-
-def _sum_correct(outputs: jax.Array, y: jax.Array) -> jax.Array:
-  return jnp.sum(jnp.argmax(outputs, -1) == jnp.argmax(y, -1)).astype(jnp.float32)
+    start_errors = tuple(z - mu for z, mu in zip(stages, predictions(model, stages, x)))
+  delta, _ = _descend(model, _start(model, stages, start_errors), y, inference, loss,
+                      batch_size or x.shape[0], None)
+  return model.from_stages(tuple(z + layout.stacked(d) for z, d in zip(stages, delta)))
 
 
 class InferenceResult(NamedTuple):
@@ -389,88 +403,39 @@ class InferenceResult(NamedTuple):
 
 
 def pc_inference(model: Network, x: jax.Array, y: jax.Array, inference: Inference, *,
-                 loss: Loss = "mse", batch_size: int | None = None) -> tuple[InferenceResult, dict]:
+                 loss: Loss = "mse", batch_size: int | None = None,
+                 axis_name: str | None = None) -> tuple[InferenceResult, dict]:
   """Feed-forward start and inference; returns the final state and batch metrics.
+
+  Args:
+    model, x, y, inference, loss: as for ``infer``.
+    batch_size: B of the batch mean; defaults to x.shape[0]. Inside a
+      data-parallel step pass the *global* batch size.
+    axis_name: inside ``jax.shard_map``, the mesh axis the batch is split
+      over: the stop at equilibrium then measures the global gradient.
 
   metrics are batch means (divided by ``batch_size``) of: ``loss`` (the
   feed-forward output loss, which is also the energy before inference),
   ``accuracy`` (feed-forward), ``energy`` (after inference) and
-  ``layer_energies`` [H + 1] (after inference).
+  ``layer_energies`` [H + 1] (after inference); and ``inference_steps``, the
+  steps taken (T unless inference stopped early). Under data parallelism
+  the first four are local parts, to be summed over devices;
+  ``inference_steps`` is the same on every device.
   """
   batch_size = batch_size or x.shape[0]
   start = _start(model, model.to_stages(model.feedforward(x)), None)
-  delta = _descend(model, start, y, _blocks(model.hidden_layers, inference), inference.lr, loss,
-                   batch_size)
+  delta, steps_taken = _descend(model, start, y, inference, loss, batch_size, axis_name)
   errors, phi = _errors(model, start, delta, 0, 0, jnp.zeros_like(start.z[0][0]),
                         _residual_weights(model))
   outputs = model.readout(phi[-1][-1])
   ff_outputs = model.readout(start.phi[-1][-1])
-  per_layer = jnp.append(jnp.concatenate([0.5 * _per_layer_sum_of_squares(e) for e in errors]),
+  per_layer = jnp.append(jnp.concatenate([0.5 * layout.per_layer_sum_of_squares(e) for e in errors]),
                          jnp.sum(output_losses(outputs, y, loss))) / batch_size
   metrics = {
       "loss": jnp.sum(output_losses(ff_outputs, y, loss)) / batch_size,
-      "accuracy": _sum_correct(ff_outputs, y) / batch_size,
+      "accuracy": count_correct(ff_outputs, y) / batch_size,
       "energy": jnp.sum(per_layer),
       "layer_energies": per_layer,
+      "inference_steps": steps_taken,
   }
   return InferenceResult(errors, phi, output_errors(outputs, y, loss)), metrics
-
-
-def pc_weight_gradients(model: Network, x: jax.Array, result: InferenceResult,
-                        batch_size: int | None = None) -> nnx.State:
-  """∂F/∂W at the end of inference (= ``jax.grad`` of ``energy``), as an
-  ``nnx.State`` of the ``nnx.Param`` gradients.
-
-  Every prediction is linear in its own weights with the activities fixed,
-  so ∂F/∂W is the transpose of that map applied to −e/B: for the dense
-  network ∂F/∂W_ℓ = −(a_ℓ/B) φ(z_{ℓ-1})ᵀe_ℓ (x for W_1; ε for the readout),
-  for a convolution its weight gradient. A layer whose error is exactly zero
-  gets exactly zero. The weights enter in float32 even under "bfloat16" precision.
-  """
-  scale = -1.0 / (batch_size or x.shape[0])
-  per_layer = model.gradient_products == "per_layer"
-  in_layout = lambda stage: (stage if isinstance(stage, tuple) == per_layer
-                            else _layout(_stacked(stage), per_layer))
-  phi = tuple(in_layout(p) for p in result.phi)
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-
-  def predictions(params):
-    network = nnx.merge(graphdef, params, rest)
-    out, below = [], x
-    for s, h in enumerate(phi):
-      weights = tuple(_layout(w, per_layer) for w in network.residual_weights(s, jnp.float32))
-      out.append((network.entry(s, below), network.residual_branch(s, weights, h[:-1])))
-      below = h[-1]
-    return tuple(out), network.readout(phi[-1][-1])
-
-  _, transpose = jax.vjp(predictions, params)
-  scaled = jax.tree.map(lambda e: scale * e, tuple(in_layout(e) for e in result.errors))
-  (grads,) = transpose((tuple((e[0], e[1:]) for e in scaled), scale * result.output_error))
-  return grads
-
-
-def pc_gradients(model: Network, x: jax.Array, y: jax.Array, inference: Inference, *,
-                 loss: Loss = "mse", batch_size: int | None = None) -> tuple[nnx.State, dict]:
-  """PC weight gradients: feed-forward start, inference, ∂F/∂W at the final z.
-
-  Returns (grads, metrics): ``pc_weight_gradients`` of ``pc_inference``.
-  """
-  result, metrics = pc_inference(model, x, y, inference, loss=loss, batch_size=batch_size)
-  return pc_weight_gradients(model, x, result, batch_size), metrics
-
-
-def bp_gradients(model: Network, x: jax.Array, y: jax.Array, *, loss: Loss = "mse",
-                 batch_size: int | None = None) -> tuple[nnx.State, dict]:
-  """Backprop gradients of the batch-mean output loss of the feed-forward pass.
-
-  With the "mupc" parameterisation this is the paper's "BP with Depth-μP".
-  Returns (grads, metrics with ``loss`` and ``accuracy``), as ``pc_gradients``.
-  """
-  batch_size = batch_size or x.shape[0]
-
-  def mean_loss(model):
-    outputs = model(x)
-    return jnp.sum(output_losses(outputs, y, loss)) / batch_size, outputs
-
-  (value, outputs), grads = nnx.value_and_grad(mean_loss, has_aux=True)(model)
-  return grads, {"loss": value, "accuracy": _sum_correct(outputs, y) / batch_size}

@@ -1,0 +1,25 @@
+"""Predictive coding: the energy, inference over activities, weight gradients.
+
+Inference is a number of optimiser steps on the activities from the
+feed-forward start (the paper: T steps of z ← z − β ∂F/∂z); learning takes
+∂F/∂W at the final activities. One engine serves every network of the stage
+protocol (``model``). It is split by concern:
+
+- ``energy``: F, its per-layer terms and the output errors;
+- ``inference``: ``Inference`` (optimiser, schedule, stop), ``infer`` and
+  ``pc_inference``, in closed form and exact below the wavefront;
+- ``gradients``: PC weight gradients at the end of inference, and BP's;
+- ``layout``: the two ways a stage's layers are held (batched, per layer).
+"""
+
+from mupc_flax.pc.energy import (Loss, Network, count_correct, energy, layer_energies,
+                                 output_errors, output_losses)
+from mupc_flax.pc.gradients import bp_gradients, pc_gradients, pc_weight_gradients
+from mupc_flax.pc.inference import (Inference, InferenceResult, Optimizer, Schedule, infer,
+                                    pc_inference, wavefront_phases)
+
+__all__ = [
+    "Loss", "Network", "count_correct", "energy", "layer_energies", "output_errors",
+    "output_losses", "bp_gradients", "pc_gradients", "pc_weight_gradients", "Inference",
+    "InferenceResult", "Optimizer", "Schedule", "infer", "pc_inference", "wavefront_phases",
+]

@@ -1,0 +1,50 @@
+"""The two layouts inference holds a stage's layers in, and blocks of layers.
+
+Each stage's layers are either one [S, B, ...] array ("batched") or a tuple
+of S [B, ...] arrays ("per_layer"). Both support x[i], x[a:b] and len(x),
+and jax.tree.map applies element-wise maps to either; these helpers cover
+the rest. A *block* is the part of a per-stage tuple from one layer to the
+top: the layers one inference loop updates.
+"""
+
+import jax
+import jax.numpy as jnp
+
+
+def arrange(x: jax.Array, per_layer: bool):
+  """[S, B, ...] as the layout: itself, or a tuple of its S layers."""
+  return tuple(x) if per_layer else x
+
+
+def stacked(x) -> jax.Array:
+  """Either layout as one [S, B, ...] array."""
+  return jnp.stack(x) if isinstance(x, tuple) else x
+
+
+def join(lower, upper):
+  """Layers ``lower`` below layers ``upper``, in the layout of ``upper``."""
+  if isinstance(upper, tuple):
+    return tuple(lower) + upper
+  return jnp.concatenate([lower, upper]) if len(lower) else upper
+
+
+def single(x: jax.Array, like):
+  """One layer's [B, ...] array as a one-layer slice in the layout of ``like``."""
+  return (x,) if isinstance(like, tuple) else x[None]
+
+
+def per_layer_sum_of_squares(x) -> jax.Array:
+  """Σ x² of each layer [S]."""
+  if isinstance(x, tuple):
+    return jnp.stack([jnp.sum(jnp.square(v)) for v in x]) if x else jnp.zeros((0,))
+  return jnp.sum(jnp.square(x), axis=tuple(range(1, x.ndim)))
+
+
+def block(stages: tuple, stage: int, index: int) -> tuple:
+  """The layers from (``stage``, ``index``) to the top, per stage from ``stage`` up."""
+  return (stages[stage][index:],) + stages[stage + 1:]
+
+
+def with_block(stages: tuple, updated: tuple, stage: int, index: int) -> tuple:
+  """``stages`` with the block from (``stage``, ``index``) replaced by ``updated``."""
+  return stages[:stage] + (join(stages[stage][:index], updated[0]),) + updated[1:]

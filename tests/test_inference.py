@@ -1,0 +1,193 @@
+"""Inference optimisers and the stop at equilibrium, against plain references."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import mupc_flax as mf
+import oracles
+
+D, C = 6, 3
+OPTIMIZERS = {  # name -> Inference keywords (β = 4 per batch of 16: 1/4 per sample)
+    "gd": dict(lr=4.0),
+    "momentum": dict(lr=4.0, optimizer="momentum", momentum=0.8),
+    "nesterov": dict(lr=4.0, optimizer="nesterov", momentum=0.8),
+    "adam": dict(lr=None, optimizer=optax.adam(0.05)),
+}
+
+
+def make_model(hidden_layers=6, width=16, seed=0, **kwargs):
+  return mf.ResidualPCN(D, width, hidden_layers, C, rngs=nnx.Rngs(seed), **kwargs)
+
+
+def assert_trees_close(a, b, rtol=1e-5):
+  for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(v, u, rtol=rtol, atol=rtol * float(np.abs(u).max(initial=0)))
+
+
+@pytest.mark.parametrize("optimizer,nesterov", [("momentum", False), ("nesterov", True)])
+def test_momentum_matches_step_by_step_reference(optimizer, nesterov):
+  """Heavy ball and Nesterov on the activities equal a float64 jax.grad loop."""
+  batch, lr, momentum, steps = 4, 1.2, 0.7, 9
+  model = make_model(hidden_layers=5, width=8)
+  x, y = oracles.random_batch(5, batch, D, C)
+  weights, multipliers = oracles.unstack(model)
+  ref_grads, ref_z = oracles.jax_pc_gradients(weights, multipliers, x, y, "relu", "mse", steps, lr,
+                                              momentum=momentum, nesterov=nesterov)
+  inference = mf.Inference(steps, lr, optimizer=optimizer, momentum=momentum)
+  np.testing.assert_allclose(mf.infer(model, x, y, inference), np.stack(ref_z), rtol=1e-4, atol=1e-5)
+  grads, _ = mf.pc_gradients(model, x, y, inference)
+  want = np.stack(ref_grads[1:-1])
+  np.testing.assert_allclose(grads["hidden"]["kernel"][...], want, rtol=1e-4,
+                             atol=1e-5 * np.abs(want).max())
+  np.testing.assert_allclose(grads["input_layer"]["kernel"][...], ref_grads[0], rtol=1e-4,
+                             atol=1e-5 * np.abs(ref_grads[0]).max())
+  # Momentum changes the result: the test would notice gradient descent.
+  plain = oracles.jax_pc_gradients(weights, multipliers, x, y, "relu", "mse", steps, lr)[1]
+  assert np.abs(np.stack(plain) - np.stack(ref_z)).max() > 1e-2
+
+
+def test_an_optax_optimizer_is_applied_to_the_activities():
+  """Any optax transformation: the engine's updates equal optax's own loop on
+  jax.grad of the reference energy (as jpc applies its activity optimiser)."""
+  model = make_model(hidden_layers=4, width=8)
+  x, y = oracles.random_batch(6, 8, D, C)
+  tx = optax.adam(0.05)
+  weights, multipliers = oracles.unstack(model)
+  weights = [jnp.asarray(w, jnp.float32) for w in weights]
+  z = oracles.jax_feedforward(weights, multipliers, jnp.asarray(x), "relu")
+  state = tx.init(z)
+  for _ in range(7):
+    g = jax.grad(oracles.jax_energy, argnums=2)(weights, multipliers, z, x, y, "relu", "mse")
+    updates, state = tx.update(g, state, z)
+    z = optax.apply_updates(z, updates)
+  got = mf.infer(model, x, y, mf.Inference(7, None, "plain", optimizer=tx))
+  np.testing.assert_allclose(got, np.stack(z), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+@pytest.mark.parametrize("products", ["batched", "per_layer"])
+def test_wavefront_equals_plain_for_every_optimizer(optimizer, products):
+  model = make_model(hidden_layers=7, hidden_products=products)
+  x, y = oracles.random_batch(8, 16, D, C)
+  for steps in (5, 12):  # inside the wavefront, and past it
+    results = [mf.pc_gradients(model, x, y, mf.Inference(steps, schedule=schedule, phases=3,
+                                                         **OPTIMIZERS[optimizer]))
+               for schedule in ("plain", "wavefront")]
+    (plain, plain_metrics), (wave, wave_metrics) = results
+    assert_trees_close(plain, wave)
+    np.testing.assert_allclose(wave_metrics["layer_energies"], plain_metrics["layer_energies"],
+                               rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_layers_below_the_front_stay_exactly_zero(optimizer):
+  """After t < H steps from the feed-forward start, the layers below the top t
+  keep exactly zero error and get exactly zero weight gradient."""
+  hidden, steps = 8, 3
+  model = make_model(hidden_layers=hidden)
+  x, y = oracles.random_batch(9, 16, D, C)
+  for schedule in ("plain", "wavefront"):
+    inference = mf.Inference(steps, schedule=schedule, **OPTIMIZERS[optimizer])
+    grads, metrics = mf.pc_gradients(model, x, y, inference)
+    energies = np.asarray(metrics["layer_energies"])
+    assert np.all(energies[:hidden - steps] == 0.0) and np.all(energies[hidden - steps:] > 0)
+    # Hidden kernel k maps layer k to layer k + 1: the top `steps` layers' kernels move.
+    moved = np.abs(np.asarray(grads["hidden"]["kernel"][...])).max(axis=(1, 2))
+    assert np.all(moved[:hidden - 1 - steps] == 0.0) and np.all(moved[hidden - 1 - steps:] > 0)
+    assert np.all(np.asarray(grads["input_layer"]["kernel"][...]) == 0.0)
+
+
+def test_zero_momentum_is_gradient_descent():
+  model = make_model()
+  x, y = oracles.random_batch(10, 16, D, C)
+  gd = mf.pc_gradients(model, x, y, mf.Inference(9, 4.0))[0]
+  for optimizer in ("momentum", "nesterov"):
+    heavy = mf.pc_gradients(model, x, y, mf.Inference(9, 4.0, optimizer=optimizer, momentum=0.0))[0]
+    for a, b in zip(jax.tree.leaves(gd), jax.tree.leaves(heavy)):
+      np.testing.assert_array_equal(a, b)
+
+
+def test_stop_at_equilibrium():
+  """Inference stops once ‖∂F/∂z‖ < tolerance × its first value, well before the cap.
+
+  (tanh: with ReLU's kinks, inference on a network this small chatters
+  around the equilibrium instead of converging to it.)"""
+  model = make_model(hidden_layers=4, width=8, activation="tanh")
+  x, y = oracles.random_batch(11, 16, D, C)
+  tolerance, cap = 1e-3, 3000
+  for schedule in ("plain", "wavefront"):
+    inference = mf.Inference(cap, 4.0, schedule, optimizer="momentum", momentum=0.8,
+                             tolerance=tolerance)
+    _, metrics = mf.pc_gradients(model, x, y, inference)
+    taken = int(metrics["inference_steps"])
+    assert 10 < taken < cap
+    # The same number of fixed steps gives the same activities.
+    fixed = lambda steps: mf.infer(model, x, y, mf.Inference(steps, 4.0, schedule,
+                                                             optimizer="momentum", momentum=0.8))
+    np.testing.assert_array_equal(mf.infer(model, x, y, inference), fixed(taken))
+    # It stopped at the first step whose gradient (here jax.grad of the energy,
+    # not the engine's) was below the tolerance: the one before was above it.
+    gradient = lambda z: jnp.linalg.norm(jax.grad(lambda z: mf.energy(model, z, x, y))(z))
+    start = gradient(model.feedforward(x))
+    assert gradient(fixed(taken - 1)) < 1.01 * tolerance * start
+    assert gradient(fixed(taken - 2)) > 0.99 * tolerance * start
+
+
+def train(num_devices, inference, steps=2):
+  model = mf.ResidualPCN(20, 32, 4, 10, activation="tanh", rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, optax.adam(0.05), wrt=nnx.Param)
+  step = mf.make_train_step(model, optimizer, mf.make_mesh(jax.devices()[:num_devices]),
+                            inference=inference)
+  state, history = (nnx.state(model), nnx.state(optimizer)), []
+  for i in range(steps):
+    x, y = oracles.random_batch(200 + i, 64, 20, 10)
+    *state, metrics = step(*state, x, y)
+    history.append(jax.tree.map(np.asarray, metrics))
+  return jax.tree.map(np.asarray, state[0]), history
+
+
+@pytest.mark.parametrize("inference", [
+    mf.Inference(8, 8.0, optimizer="nesterov", momentum=0.9),
+    mf.Inference(400, 8.0, optimizer="momentum", momentum=0.8, tolerance=1e-2),
+], ids=["nesterov", "stop"])
+def test_eight_devices_match_one(inference):
+  """Data parallel: the same weights and metrics, and with the stop, the same
+  global decision (each device holds 8 of the 64 samples: a device deciding
+  on its own rows would stop at another step)."""
+  one, history_one = train(1, inference)
+  eight, history_eight = train(8, inference)
+  assert_trees_close(one, eight, rtol=1e-4)  # Adam turns rounding in near-zero gradients into 1e-5
+  for m1, m8 in zip(history_one, history_eight):
+    for key in m1:
+      np.testing.assert_allclose(m8[key], m1[key], rtol=1e-5, atol=1e-9)
+  taken = [int(m["inference_steps"]) for m in history_one]
+  if inference.tolerance:
+    assert all(10 < t < inference.steps for t in taken), taken
+  else:
+    assert taken == [inference.steps] * 2
+
+
+def test_pallas_kernel_refuses_other_optimizers():
+  model = make_model(hidden_layers=4, inference_kernel="pallas")
+  x, y = oracles.random_batch(12, 16, D, C)
+  for inference in (mf.Inference(4, 4.0, optimizer="momentum", momentum=0.5),
+                    mf.Inference(4, 4.0, tolerance=1e-3)):
+    with pytest.raises(ValueError, match="Pallas inference kernel runs plain gradient descent"):
+      mf.infer(model, x, y, inference)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(steps=4, lr=0.5, optimizer="adagrad"), "Unknown inference optimizer"),
+    (dict(steps=4, lr=0.5, momentum=0.9), "needs optimizer='momentum' or 'nesterov'"),
+    (dict(steps=4, lr=0.5, optimizer="momentum", momentum=1.0), r"momentum must be in \[0, 1\)"),
+    (dict(steps=4, lr=None), "needs a learning rate"),
+    (dict(steps=4, lr=0.5, optimizer=optax.sgd(0.1)), "holds its own learning rate"),
+    (dict(steps=4, lr=0.5, tolerance=1.0), r"tolerance must be in \[0, 1\)"),
+])
+def test_inference_options_are_checked(kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    mf.Inference(**kwargs)
