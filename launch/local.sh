@@ -12,11 +12,16 @@
 #                       127.0.0.1), each with its share of the devices; default 1
 #   CPU_DEVICES=N       on a CPU-only machine, emulate N devices per process
 #   GPUS_PER_PROCESS=K  with PROCESSES > 1 on a GPU machine: GPUs per process (default 1)
-# Rerunning the same command resumes from the newest checkpoint in WORKDIR.
+#   FAILURE_GRACE=S     with PROCESSES > 1: once a process fails, the others have S seconds
+#                       (default 15) to stop by themselves, each naming the lost process,
+#                       before they are killed; keep it above --peer_timeout (10 s)
+# Rerunning the same command resumes from the newest checkpoint in WORKDIR. SIGTERM to this
+# script reaches every process: they agree on a step, save it and exit 0. The exit status
+# is that of the first process to fail, or 0.
 set -euo pipefail
 
 if [ $# -lt 2 ]; then
-  sed -n '2,18p' "$0" >&2
+  sed -n '2,20p' "$0" >&2
   exit 2
 fi
 config=$1
@@ -24,6 +29,7 @@ workdir=$2
 shift 2
 python=${PYTHON:-python3}
 processes=${PROCESSES:-1}
+grace=${FAILURE_GRACE:-15}
 if [ -n "${CPU_DEVICES:-}" ]; then
   export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=${CPU_DEVICES}"
 fi
@@ -45,8 +51,33 @@ for ((i = 0; i < processes; i++)); do
       --coordinator_address="127.0.0.1:${port}" --num_processes="$processes" --process_id="$i" "$@" &
   pids+=($!)
 done
+# A preemption notice for the launcher is one for every process.
+trap 'kill -TERM "${pids[@]}" 2>/dev/null || true' TERM
+
+# Polled rather than `wait -n`, which cannot tell a child's exit from the trapped signal.
 status=0
-for pid in "${pids[@]}"; do
-  wait "$pid" || status=$?
+failed_at=
+while [ ${#pids[@]} -gt 0 ]; do
+  running=()
+  for pid in "${pids[@]}"; do
+    if kill -0 "$pid" 2>/dev/null; then
+      running+=("$pid")
+      continue
+    fi
+    code=0
+    wait "$pid" || code=$?
+    if [ "$code" -ne 0 ] && [ -z "$failed_at" ]; then
+      status=$code
+      failed_at=$SECONDS
+    fi
+  done
+  pids=(${running[@]+"${running[@]}"})
+  if [ -n "$failed_at" ] && [ ${#pids[@]} -gt 0 ] && [ $((SECONDS - failed_at)) -ge "$grace" ]; then
+    echo "launch/local.sh: a process failed ${grace} s ago; killing the ${#pids[@]} still running." >&2
+    kill -KILL "${pids[@]}" 2>/dev/null || true
+  fi
+  if [ ${#pids[@]} -gt 0 ]; then
+    sleep 0.2
+  fi
 done
 exit "$status"

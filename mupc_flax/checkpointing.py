@@ -13,6 +13,7 @@ context manager: leaving it waits for the last save, and raises if it failed.
 """
 
 import os
+import pathlib
 import time
 from typing import Any
 
@@ -31,6 +32,23 @@ class WorkdirError(UserError):
 
 class SaveError(UserError):
   """A checkpoint could not be written."""
+
+
+def directory(workdir: str | os.PathLike) -> pathlib.Path:
+  """Where a run keeps its checkpoints: ``<workdir>/checkpoints``."""
+  return pathlib.Path(workdir) / "checkpoints"
+
+
+def newest_complete_step(folder: str | os.PathLike) -> int | None:
+  """The newest step in ``folder`` whose save finished, read from disk; None
+  if there is none. Orbax finalises a step by renaming its temporary folder
+  (or, on object stores, by a commit file), so a save cut short is not counted."""
+  folder = pathlib.Path(folder)
+  if not folder.is_dir():
+    return None
+  steps = [int(p.name) for p in folder.iterdir()
+           if p.name.isdigit() and ocp.step.is_checkpoint_finalized(p)]
+  return max(steps, default=None)
 
 
 def _name(key) -> str:
@@ -171,7 +189,13 @@ class Checkpointer:
     self._manager.reload()
 
   def reached_preemption(self, step: int) -> bool:
-    """Whether any process got a preemption notice (multi-process runs agree on the step)."""
+    """Whether the run must save and stop after ``step`` (call it after every step).
+
+    JAX's preemption service (multi-process runs) turns a SIGTERM to any
+    process into one step that every process agrees on: the one after the
+    furthest step any process had reported (``cluster.join`` reports the
+    step a run resumes from, so that a notice before the first step counts).
+    """
     return self._manager.reached_preemption(step)
 
   def __enter__(self) -> "Checkpointer":

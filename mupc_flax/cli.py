@@ -4,8 +4,11 @@ Each program's ``__main__`` calls ``cli.run(main)`` instead of ``app.run``.
 Whatever fails, from parsing the flags and loading the config file to the
 last checkpoint, the program exits non-zero with one line on stderr,
 ``error: <what is wrong and what to do>``, and no traceback; ``--traceback``
-prints it too. Paths from the user go through ``resolve_path`` once, here, so
-the library sees absolute paths whatever the current directory.
+prints it too. A program that has joined a multi-process run calls
+``exit_at_once_on_failure``: its failures then end the process right after
+that line (``exit_now``), as a watchdog thread's do. Paths from the user go
+through ``resolve_path`` once, here, so the library sees absolute paths
+whatever the current directory.
 """
 
 import logging as py_logging
@@ -22,6 +25,10 @@ from absl import app, flags, logging
 from mupc_flax.errors import UserError
 
 _TRACEBACK = flags.DEFINE_bool("traceback", False, "On an error, also print the Python traceback.")
+
+# One error line per process: whichever thread reports first (exit_now) ends the process.
+_ENDING = threading.Lock()
+_exit_at_once = False
 
 # Libraries whose INFO lines would drown the program's own; their warnings stay.
 # asyncio reports Orbax's failed background writes again at exit.
@@ -62,9 +69,28 @@ def _quiet_libraries(record: py_logging.LogRecord) -> bool:
   return record.levelno == py_logging.WARNING
 
 
+def exit_at_once_on_failure() -> None:
+  """From now on a failure ends the process right after its error line,
+  without exit handlers. In a multi-process run, JAX's exit handler waits at
+  a barrier for every process, which a failed or lost process never reaches."""
+  global _exit_at_once
+  _exit_at_once = True
+
+
+def exit_now(message: str, code: int = 1) -> None:
+  """Prints ``error: message`` and ends the process at once, from any thread.
+  A second caller (another thread failing at the same time) never returns."""
+  _ENDING.acquire()
+  sys.stderr.flush()
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  os._exit(code)
+
+
 def _fail(message: str, show_traceback: bool, code: int = 1):
   if show_traceback:
     traceback.print_exc()
+  if _exit_at_once:
+    exit_now(message, code)
   sys.stderr.flush()
   print(f"error: {message}", file=sys.stderr, flush=True)
   sys.exit(code)

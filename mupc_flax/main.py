@@ -8,14 +8,16 @@ Paths may be relative to the current directory. Rerunning the same command
 resumes from the newest checkpoint in --workdir. Under SLURM (srun) or Open
 MPI with several tasks, or with --coordinator_address, every process joins
 one run; otherwise this is a plain single process. Any failure ends with one
-``error:`` line (``--traceback`` adds the traceback).
+``error:`` line (``--traceback`` adds the traceback). In a multi-process run,
+a process lost for --peer_timeout seconds stops all the others (each names
+it), and processes that do not all join within --initialization_timeout stop.
 """
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mupc_flax import cli, sharding, train
+from mupc_flax import checkpointing, cli, cluster, train
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, optionally with an argument: configs/x.py:smoke.",
@@ -25,6 +27,13 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0, for a multi-process run.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+_PEER_TIMEOUT = flags.DEFINE_float(
+    "peer_timeout", cluster.PEER_TIMEOUT,
+    "Multi-process runs: seconds without a heartbeat after which a process counts as lost; "
+    "every other process then stops with an error naming it.")
+_INITIALIZATION_TIMEOUT = flags.DEFINE_float(
+    "initialization_timeout", cluster.INITIALIZATION_TIMEOUT,
+    "Multi-process runs: seconds for every process to join before each stops with an error.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -34,11 +43,14 @@ def main(argv):
   workdir = cli.resolve_path(_WORKDIR.value, "--workdir")
   config = _CONFIG.value
   cli.resolve_data_paths(config)
-  sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  cluster.join(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+               checkpoints=checkpointing.directory(workdir), peer_timeout=_PEER_TIMEOUT.value,
+               initialization_timeout=_INITIALIZATION_TIMEOUT.value)
   logging.info("JAX %s on %s: process %d of %d, %d devices (%d local).", jax.__version__,
                jax.default_backend(), jax.process_index(), jax.process_count(),
                jax.device_count(), jax.local_device_count())
-  result = train.train_and_evaluate(config, workdir)
+  with cluster.together():
+    result = train.train_and_evaluate(config, workdir)
   logging.info("Done: test accuracy %.2f %%, test loss %.4g. Metrics, checkpoints and config "
                "are in %s.", 100 * result["accuracy"], result["loss"], workdir)
 

@@ -5,7 +5,6 @@ process's own slice of the global batch becomes part of one global array with
 ``global_batch``, so the same step runs on one CPU, several GPUs or hosts.
 """
 
-import os
 from typing import Any, Sequence
 
 import jax
@@ -60,23 +59,3 @@ def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
     return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
   return jax.tree.map(place, tree)
-
-
-def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None) -> None:
-  """Joins a multi-process run, or does nothing in a plain single process.
-
-  Explicit arguments win; otherwise SLURM (``srun``) and Open MPI launches
-  with more than one task are detected from their environment.
-  """
-  launched = any(int(os.environ.get(v, "1")) > 1
-                 for v in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"))
-  if coordinator_address is None and not launched:
-    return
-  # CPU processes exchange collectives through gloo (GPUs use NCCL regardless).
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  if coordinator_address is None:
-    jax.distributed.initialize()
-  else:
-    jax.distributed.initialize(coordinator_address, num_processes=num_processes,
-                               process_id=process_id)

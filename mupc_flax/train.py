@@ -107,15 +107,29 @@ def validate_config(config, num_devices: int, num_processes: int) -> None:
 
 
 @contextlib.contextmanager
-def _sigterm_flag():
-  """Yields a flag that a SIGTERM (preemption) sets; the loop saves and stops."""
+def _preemption_notice(checkpointer: checkpointing.Checkpointer):
+  """Yields ``preempted(step)``: whether the loop must save and stop after ``step``.
+
+  A single process sets a flag from its own SIGTERM handler. In a
+  multi-process run every process must stop at the same step: JAX's
+  preemption service caught SIGTERM in C++ when the run was joined, and makes
+  the processes agree on a step, which Orbax's ``reached_preemption`` reads.
+  A Python handler would replace that C++ one, so none is installed then.
+  """
+  if jax.process_count() > 1:
+    if callable(signal.getsignal(signal.SIGTERM)):
+      logging.warning("A Python SIGTERM handler (%s) replaced JAX's preemption notice: a SIGTERM "
+                      "will not stop this multi-process run at an agreed step.",
+                      signal.getsignal(signal.SIGTERM))
+    yield checkpointer.reached_preemption
+    return
   flag = threading.Event()
   if threading.current_thread() is not threading.main_thread():
-    yield flag
+    yield lambda step: flag.is_set()
     return
   previous = signal.signal(signal.SIGTERM, lambda signum, frame: flag.set())
   try:
-    yield flag
+    yield lambda step: flag.is_set()
   finally:
     signal.signal(signal.SIGTERM, previous)
 
@@ -275,7 +289,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike,
       stack.enter_context(_exclusive(workdir))
     # Leaving this waits for the last save and raises if it failed: no success after a failed save.
     checkpointer = stack.enter_context(
-        checkpointing.Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints))
+        checkpointing.Checkpointer(checkpointing.directory(workdir), keep=config.keep_checkpoints))
     start_step = 0
     restored = checkpointer.restore_latest(model_state, opt_state, train_iterator)
     if restored is not None:
@@ -290,7 +304,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike,
     if is_main:
       (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     writer = stack.enter_context(metrics.MetricWriter(workdir, enabled=is_main))
-    preempt_signal = stack.enter_context(_sigterm_flag())
+    preempted_after = stack.enter_context(_preemption_notice(checkpointer))
 
     pending: list = []  # device metrics of steps not yet checked
     window: list = []  # host metrics since the last log
@@ -303,9 +317,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike,
       checkpointer.check_saved()  # a save that failed in the background stops the run here
       pending.append(step_metrics)
       done = step + 1
-      # All processes must stop at the same step: they agree on a preemption.
-      preempted = (checkpointer.reached_preemption(done) if jax.process_count() > 1
-                   else preempt_signal.is_set())
+      preempted = preempted_after(done)
       final = done == num_steps
       save_now = final or preempted or done % config.checkpoint_every_steps == 0
       if save_now or done % config.log_every_steps == 0:

@@ -2,8 +2,10 @@
 
 import os
 import pathlib
+import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -29,6 +31,37 @@ def environment(devices=1):
 def run(workdir, data_dir, *overrides, devices=1, config="configs/default.py:smoke", timeout=300):
   return subprocess.run(command(workdir, data_dir, *overrides, config=config), cwd=REPO,
                         env=environment(devices), capture_output=True, text=True, timeout=timeout)
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def start_processes(workdir, data_dir, *overrides, count=2, logs):
+  """The program as ``count`` cooperating processes of one run (one device each),
+  started; process i writes its console to ``logs/<i>.log``."""
+  logs = pathlib.Path(logs)
+  logs.mkdir(parents=True, exist_ok=True)
+  port = free_port()
+  processes = []
+  for i in range(count):
+    with open(logs / f"{i}.log", "w") as log:
+      processes.append(subprocess.Popen(
+          command(workdir, data_dir, *overrides, f"--coordinator_address=127.0.0.1:{port}",
+                  f"--num_processes={count}", f"--process_id={i}"),
+          cwd=REPO, env=environment(), stdout=subprocess.DEVNULL, stderr=log))
+  return processes
+
+
+def wait_for(condition, timeout=120, what="the condition"):
+  """Polls ``condition()`` every 10 ms until it is true; fails after ``timeout`` seconds."""
+  deadline = time.monotonic() + timeout
+  while not condition():
+    if time.monotonic() > deadline:
+      raise AssertionError(f"Timed out after {timeout} s waiting for {what}.")
+    time.sleep(0.01)
 
 
 def load_checkpoint(workdir, step, item="model"):

@@ -4,7 +4,6 @@ import importlib.util
 import os
 import pathlib
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -32,12 +31,6 @@ def tensorboard_scalars(workdir):
       for value in event.summary.value:
         scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
   return scalars
-
-
-def free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 # --- Configs ----------------------------------------------------------------------
