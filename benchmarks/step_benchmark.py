@@ -48,6 +48,8 @@ import mupc_flax as mf  # noqa: E402
 import reference_pc  # noqa: E402
 
 IN_FEATURES, CLASSES = 784, 10
+# configs/default.py's `deep` variant at batch 64.
+DEEP_RECIPE = dict(optimizer="momentum", momentum=0.9, lr=16.0, steps_per_layer=2)
 
 
 @dataclasses.dataclass
@@ -160,9 +162,11 @@ def build(config: str, **model_options):
   return mf.ResidualPCN(IN_FEATURES, width, hidden, CLASSES, rngs=nnx.Rngs(0), **model_options)
 
 
-def ours(name, config, batch, mesh, *, algorithm="pc", attributes=None, **options) -> Variant:
-  """mupc_flax's train step; ``options`` go to the model and to Inference,
-  ``attributes`` are set on the model (its speed choices)."""
+def ours(name, config, batch, mesh, *, algorithm="pc", attributes=None, steps_per_layer=1,
+         **options) -> Variant:
+  """mupc_flax's train step; ``options`` go to the model and to Inference
+  (T = ``steps_per_layer`` × H), ``attributes`` are set on the model (its
+  speed choices)."""
   model_options = {k: options.pop(k) for k in ("hidden_products", "precision", "inference_kernel")
                    if k in options}
   split = options.pop("split", None)
@@ -171,7 +175,8 @@ def ours(name, config, batch, mesh, *, algorithm="pc", attributes=None, **option
     setattr(model, key, value)
   hidden = model.hidden_layers
   optimizer = nnx.Optimizer(model, optax.adam(0.1), wrt=nnx.Param)
-  inference = mf.Inference(hidden, 0.5, **options) if algorithm == "pc" else None
+  inference = mf.Inference(steps_per_layer * hidden, options.pop("lr", 0.5), **options) \
+      if algorithm == "pc" else None
   step = mf.make_train_step(model, optimizer, mesh, algorithm=algorithm, inference=inference,
                             split=split)
   x, y = _batch(batch)
@@ -261,6 +266,12 @@ def main():
       variants += [reference("reference, fully jitted", width, hidden, b, host_loop=False),
                    reference("reference, host loop", width, hidden, b, host_loop=True)]
     variants.append(ours("mupc_flax BP", config, b, mesh, algorithm="bp"))
+    if args.levers:  # the inference optimisers at the paper's T, and the deep recipe (configs: deep)
+      variants += [
+          ours("inference: heavy-ball momentum", config, b, mesh, optimizer="momentum", momentum=0.9),
+          ours("inference: Nesterov", config, b, mesh, optimizer="nesterov", momentum=0.9),
+          ours("inference: the deep recipe", config, b, mesh, **DEEP_RECIPE),
+      ]
     if args.levers and conv:
       variants += [
           ours("lever: inference loops not unrolled", config, b, mesh,

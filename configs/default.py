@@ -10,8 +10,8 @@ The text after ':' is a comma-separated list of variants and overrides:
   sp                standard PC (η = 1e-2, β = 1e-2), the paper's Fig. 1 baseline
   bp                the same network trained by backprop ("BP with Depth-μP" under μPC)
   deep              inference that reaches the bottom layers (docs/results.md, section 9):
-                    heavy-ball momentum 0.95, T = 3H steps, β = 0.5·B (a per-sample step
-                    of 0.5), and BP's weight learning rate
+                    heavy-ball momentum 0.9, T = 2H steps, β = B/4 (a per-sample step of
+                    1/4), and BP's weight learning rate with a cosine decay
   name=value        a field of config.model, config.train or config.data by its name,
                     e.g. hidden_layers=32,width=256
 """
@@ -21,12 +21,12 @@ import ml_collections
 # The paper's BP learning rate for this experiment (MUPC.md: 1e-2, 1e-3 for linear nets).
 BP_LEARNING_RATE = 1e-2
 # The deep-inference recipe, measured in docs/results.md (section 9): heavy-ball
-# momentum on the activities with this per-sample step β/B, this many steps
-# per hidden layer, and BP's weight learning rate (every layer now gets a
-# BP-sized gradient, so Adam moves every layer).
-DEEP_MOMENTUM = 0.95
-DEEP_STEP_PER_SAMPLE = 0.5
-DEEP_STEPS_PER_LAYER = 3
+# momentum on the activities with this per-sample step β/B and this many steps
+# per hidden layer; BP's weight learning rate (every layer now gets a
+# BP-sized gradient, so Adam moves every layer), decayed to 0 by a cosine.
+DEEP_MOMENTUM = 0.9
+DEEP_STEP_PER_SAMPLE = 0.25
+DEEP_STEPS_PER_LAYER = 2
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -43,15 +43,20 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.prefetch = 2  # batches prepared ahead in a background thread
 
   config.model = ml_collections.ConfigDict()
-  config.model.kind = "dense"  # dense | conv (configs/mnist_conv.py)
-  config.model.width = 512  # N; conv: channels of the first stage, doubled at each next stage
+  config.model.kind = "dense"  # dense | conv (configs/mnist_conv.py) | transformer (configs/mnist_transformer.py)
+  config.model.width = 512  # N; conv: channels of the first stage, doubled at each next stage; transformer: d
   config.model.hidden_layers = 8  # H; the network has L = H + 1 weight matrices (dense only)
   config.model.stages = 2  # conv: resolutions, with a stride-2 convolution between two
   config.model.residual_layers = 4  # conv: residual 3×3 convolutions in each stage
   config.model.kernel_size = 3  # conv
   config.model.stem_stride = 1  # conv: 2 halves the resolution of every stage
+  config.model.blocks = 4  # transformer: (attention, MLP) pairs, each sublayer a PC layer
+  config.model.patch_size = 7  # transformer: p × p patches are the tokens
+  config.model.heads = 4  # transformer: attention heads
+  config.model.mlp_ratio = 4  # transformer: the MLP's hidden size over d
   config.model.activation = "relu"  # linear | relu | tanh | gelu
   config.model.parameterization = "mupc"  # mupc | sp
+  config.model.depth_exponent = 0.5  # μPC: residual branches scale as L^(−α); 0.5 the paper, 1 CompleteP
   config.model.hidden_products = "auto"  # auto | batched | per_layer (same result; speed differs)
   config.model.precision = "float32"  # float32 | tf32 | bfloat16 (of the products; tf32 and bf16 for GPUs)
   config.model.inference_kernel = "xla"  # xla | pallas (dense: the fused Pallas step; opt-in)
@@ -64,6 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.num_steps = 0  # > 0: train this many steps instead of num_epochs
   config.train.optimizer = "adam"  # an optax optimizer taking learning_rate
   config.train.learning_rate = 0.1  # η (weights)
+  config.train.lr_schedule = "constant"  # constant | cosine (η decays to 0 over the run)
   config.train.inference_steps = 0  # T; 0 -> T = steps_per_layer × H
   config.train.steps_per_layer = 1  # T = steps_per_layer × H when inference_steps is 0
   config.train.inference_lr = 0.5  # β (activities), on the batch-mean energy
@@ -121,9 +127,11 @@ def apply_arg(config: ml_collections.ConfigDict, arg: str | None,
     if "=" in item:
       continue
     if item == "smoke":
-      config.model.width = 8 if config.model.kind == "conv" else 64
+      config.model.width = {"conv": 8, "transformer": 16}.get(config.model.kind, 64)
       config.model.hidden_layers = 4
       config.model.residual_layers = 1
+      config.model.blocks = 1
+      config.model.heads = 2
       config.train.num_steps = 60
       config.log_every_steps = 10
       config.eval_every_steps = 30
@@ -141,6 +149,7 @@ def apply_arg(config: ml_collections.ConfigDict, arg: str | None,
       config.train.steps_per_layer = DEEP_STEPS_PER_LAYER
       config.train.inference_lr = DEEP_STEP_PER_SAMPLE * config.train.batch_size
       config.train.learning_rate = bp_learning_rate
+      config.train.lr_schedule = "cosine"
     else:
       raise ValueError(f"Unknown config variant {item!r}; use smoke, sp, bp, deep or name=value.")
   for item in overrides:

@@ -7,6 +7,7 @@ A notebook session needs only these names::
     F = mupc_flax.energy(model, z, x, y)              # batch-mean energy
     z = mupc_flax.infer(model, x, y, mupc_flax.Inference(steps=8, lr=0.5))
     conv = mupc_flax.ConvResidualPCN((28, 28, 1), (8, 16), 4, 10, rngs=nnx.Rngs(0))  # same API
+    vit = mupc_flax.TransformerPCN((28, 28, 1), 7, 64, 4, 10, rngs=nnx.Rngs(0))      # same API
     step = mupc_flax.make_train_step(model, optimizer, inference=mupc_flax.Inference(8, 0.5))
 """
 
@@ -17,6 +18,7 @@ from mupc_flax.pc import (Inference, bp_gradients, energy, infer, layer_energies
                           pc_gradients, wavefront_phases)
 from mupc_flax.sharding import global_batch, make_mesh
 from mupc_flax.steps import make_eval_step, make_train_step
+from mupc_flax.transformer import TransformerPCN
 
 __all__ = [
     "ACTIVATIONS", "Conv", "ConvResidualPCN", "Dense", "Premultiplier", "ResidualPCN",
@@ -25,4 +27,5 @@ __all__ = [
     "pc_gradients", "wavefront_phases",
     "global_batch", "make_mesh",
     "make_eval_step", "make_train_step",
+    "TransformerPCN",
 ]

@@ -72,14 +72,15 @@ class ConvResidualPCN(nnx.Module):
     kernel_size: k of every convolution.
     stem_stride: the stem's stride; 2 halves the resolution of every stage
       (about 4× less work).
-    activation, parameterization, hidden_products, precision: as for
-      ``ResidualPCN``; "auto" products are per layer on CPU, batched elsewhere.
+    activation, parameterization, depth_exponent, hidden_products, precision: as
+      for ``ResidualPCN``; "auto" products are per layer on CPU, batched elsewhere.
     rngs: supplies the ``params`` key.
   """
 
   def __init__(self, image_shape: Sequence[int], channels: Sequence[int],
                residual_layers: int | Sequence[int], out_features: int, *, kernel_size: int = 3,
                stem_stride: int = 1, activation: str = "relu", parameterization: str = "mupc",
+               depth_exponent: float = parameterization_lib.DEPTH_EXPONENT,
                hidden_products: HiddenProducts = "auto", precision: str = "float32",
                rngs: nnx.Rngs):
     channels = tuple(channels)
@@ -99,6 +100,7 @@ class ConvResidualPCN(nnx.Module):
       if not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}.")
     check_options(activation, hidden_products, precision)
+    parameterization_lib.check_depth_exponent(depth_exponent)
     if hidden_products == "auto":
       hidden_products = "per_layer" if jax.default_backend() == "cpu" else "batched"
     p = parameterization_lib.get(parameterization)
@@ -106,9 +108,11 @@ class ConvResidualPCN(nnx.Module):
     self.image_shape = tuple(image_shape)
     self.activation = activation
     self.parameterization = parameterization
+    self.depth_exponent = depth_exponent
     self.hidden_products = hidden_products
     self.precision = precision
     self.inference_kernel = "xla"  # the fused Pallas step covers the dense network only
+    self.linear_branches = True
     # XLA's CPU runtime runs a convolution about 3× slower inside a while loop
     # than outside (18 vs 53 ms per inference step at 14×14×8, jax 0.10.2;
     # partial unrolling does not help): there, inference loops are unrolled.
@@ -123,8 +127,8 @@ class ConvResidualPCN(nnx.Module):
       entries.append(Conv(c_in, c, kernel_size=k, stride=stem_stride if s == 0 else 2, init=p.init,
                           rngs=rngs, multiplier=p.entry_multiplier(c_in * k * k, num_layers),
                           precision=precision))
-      stacks.append(Conv(c, c, kernel_size=k, stack=r, init=p.init, rngs=rngs,
-                         multiplier=p.residual_multiplier(c * k * k, num_layers), precision=precision))
+      stacks.append(Conv(c, c, kernel_size=k, stack=r, init=p.init, rngs=rngs, precision=precision,
+                         multiplier=p.residual_multiplier(c * k * k, num_layers, depth_exponent)))
     self.entries = nnx.List(entries)  # the stem, then the downsampling convolutions
     self.stacks = nnx.List(stacks)  # the residual convolutions of each stage
     self.head = Dense(channels[-1], out_features, init=p.init, rngs=rngs,

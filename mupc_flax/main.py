@@ -51,6 +51,8 @@ def main(argv):
                jax.device_count(), jax.local_device_count())
   with cluster.together():
     result = train.train_and_evaluate(config, workdir)
+  if "preempted_at" in result:
+    return
   logging.info("Done: test accuracy %.2f %%, test loss %.4g. Metrics, checkpoints and config "
                "are in %s.", 100 * result["accuracy"], result["loss"], workdir)
 

@@ -12,8 +12,13 @@ stage protocol are ``stage_layers``, ``to_stages``/``from_stages``,
 ``entry``, ``residual_weights``, ``residual_branch``, ``readout``, ``phi``,
 ``weight_stacks``, and the attributes ``hidden_products`` (the layout of
 inference), ``gradient_products`` (that of the weight gradient),
-``unroll_inference`` (whether inference loops are unrolled when compiled) and
-``inference_kernel`` ("xla", or "pallas" for the fused step of ``kernels``).
+``unroll_inference`` (whether inference loops are unrolled when compiled),
+``inference_kernel`` ("xla", or "pallas" for the fused step of ``kernels``)
+and ``linear_branches``: True where every residual branch, stage entry and
+the readout is a linear map of φ(z) (the dense and convolutional networks:
+the engine then uses their transposes, in closed form), False where they are
+general functions of z and φ is the identity (the transformer: the engine
+then uses their vector–Jacobian products).
 """
 
 from typing import Callable, Literal, get_args
@@ -134,7 +139,22 @@ def check_options(activation: str, hidden_products: str, precision: str) -> None
     raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}.")
 
 
-class ResidualPCN(nnx.Module):
+class SingleStage:
+  """The stage protocol's bookkeeping for a network of one stage of all its
+  ``hidden_layers`` layers, whose activities are one array [H, B, ...]."""
+
+  @property
+  def stage_layers(self) -> tuple[int, ...]:
+    return (self.hidden_layers,)
+
+  def to_stages(self, z: jax.Array) -> tuple[jax.Array]:
+    return (z,)
+
+  def from_stages(self, stages: tuple[jax.Array]) -> jax.Array:
+    return stages[0]
+
+
+class ResidualPCN(SingleStage, nnx.Module):
   """Fully connected residual PCN: input layer, H−1 residual layers, readout.
 
     μ_1 = a_1 W_1 x,  μ_ℓ = a_ℓ W_ℓ φ(z_{ℓ-1}) + z_{ℓ-1} (ℓ = 2…H),  μ_L = a_L W_L φ(z_H)
@@ -147,6 +167,8 @@ class ResidualPCN(nnx.Module):
     out_features: C, the output size.
     activation: a key of ``ACTIVATIONS``.
     parameterization: a key of ``parameterization.PARAMETERIZATIONS``.
+    depth_exponent: α of the residual premultiplier 1/√N · L^(−α) under μPC
+      (0.5, the paper's Depth-μP; 1, CompleteP).
     hidden_products: how inference holds and applies the hidden layers:
       "batched" (activities as one [H, B, N] array, one batched matrix product
       over the layer axis) or "per_layer" (a tuple of [B, N] arrays, one 2-D
@@ -173,6 +195,7 @@ class ResidualPCN(nnx.Module):
       *,
       activation: str = "relu",
       parameterization: str = "mupc",
+      depth_exponent: float = parameterization_lib.DEPTH_EXPONENT,
       hidden_products: HiddenProducts = "auto",
       precision: str = "float32",
       inference_kernel: InferenceKernel = "xla",
@@ -183,6 +206,7 @@ class ResidualPCN(nnx.Module):
       if not isinstance(value, int) or value < 1:
         raise ValueError(f"ResidualPCN needs {name} to be a positive integer, got {value!r}.")
     check_options(activation, hidden_products, precision)
+    parameterization_lib.check_depth_exponent(depth_exponent)
     if inference_kernel not in get_args(InferenceKernel):
       raise ValueError(f"inference_kernel must be one of {list(get_args(InferenceKernel))}, got "
                        f"{inference_kernel!r}.")
@@ -194,17 +218,19 @@ class ResidualPCN(nnx.Module):
     d, n, num_matrices = in_features, width, hidden_layers + 1
     self.activation = activation
     self.parameterization = parameterization
+    self.depth_exponent = depth_exponent
     self.hidden_products = hidden_products
     self.precision = precision
     self.inference_kernel = inference_kernel
     self.unroll_inference = False  # compiled loops of matrix products run at full speed
+    self.linear_branches = True
     # The weight gradient as one stacked product: on CPU at 256 × 32, 3.7 ms
     # against 23 ms for per-layer products (whichever layout inference uses).
     self.gradient_products = "batched"
     self.input_layer = Dense(d, n, multiplier=p.entry_multiplier(d, num_matrices), init=p.init,
                              rngs=rngs, precision=precision)
-    self.hidden = Dense(n, n, multiplier=p.residual_multiplier(n, num_matrices), init=p.init,
-                        rngs=rngs, stack=hidden_layers - 1, precision=precision)
+    self.hidden = Dense(n, n, multiplier=p.residual_multiplier(n, num_matrices, depth_exponent),
+                        init=p.init, rngs=rngs, stack=hidden_layers - 1, precision=precision)
     self.readout = Dense(n, out_features, multiplier=p.readout_multiplier(n, num_matrices),
                          init=p.init, rngs=rngs, precision=precision)
 
@@ -221,17 +247,6 @@ class ResidualPCN(nnx.Module):
     return ACTIVATIONS[self.activation](z)
 
   # --- The stage protocol (one stage) ---------------------------------------------
-
-  @property
-  def stage_layers(self) -> tuple[int, ...]:
-    """Layers per stage: one stage of all H hidden layers."""
-    return (self.hidden_layers,)
-
-  def to_stages(self, z: jax.Array) -> tuple[jax.Array]:
-    return (z,)
-
-  def from_stages(self, stages: tuple[jax.Array]) -> jax.Array:
-    return stages[0]
 
   def entry(self, stage: int, h: jax.Array) -> jax.Array:
     """The prediction of the stage's first layer: a_1 W_1 x from x [B, D]."""

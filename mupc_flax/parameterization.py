@@ -3,18 +3,25 @@
 A parameterisation is one row of the table in ``PARAMETERIZATIONS``. Every
 weight layer has a role and a fan-in: an *entry* layer predicts without a
 skip (the input layer of the dense network; the stem and the downsampling
-convolutions of the convolutional one), a *residual* layer predicts through
-an identity skip, and the *readout* predicts the output. For the dense
-network with input dimension ``D``, width ``N`` and ``L = H + 1`` weight
-matrices this is
+convolutions of the convolutional one; the patch embedding of the
+transformer), a *residual* layer predicts through an identity skip, and the
+*readout* predicts the output. For the dense network with input dimension
+``D``, width ``N`` and ``L = H + 1`` weight matrices this is
 
     μ_1 = a_1 · W_1 x,   μ_ℓ = a_ℓ · W_ℓ φ(z_{ℓ-1}) + z_{ℓ-1},   μ_L = a_L · W_L φ(z_H)
 
 with fan-ins D, N and N. A convolution's fan-in is C_in·k·k, and L counts
-every weight layer. Each row gives the premultiplier of each role as a
-function of (fan-in, L) and the distribution every weight is drawn from.
-Adding a parameterisation (for example an output scaling γ on ``a_L``) means
-adding one row here; nothing else in the library changes.
+every weight layer (every PC layer, for the transformer). A transformer's
+residual branch has matrices *inside* it too (attention's query, key and
+value maps, the MLP's first matrix): an ``inner`` premultiplier scales those,
+and ``attention_scale`` the attention logits q·k.
+
+Each row gives the premultiplier of each role as a function of (fan-in, L)
+and the distribution every weight is drawn from. Under μPC the residual
+branch scales as 1/√fan_in · L^(−α) with the depth exponent α: the paper's
+Depth-μP is α = 1/2 (1/√(fan_in·L)); CompleteP (Dey et al., NeurIPS 2025) is
+α = 1. Adding a parameterisation (for example an output scaling γ on
+``a_L``) means adding one row here; nothing else in the library changes.
 """
 
 import dataclasses
@@ -31,6 +38,11 @@ import jax.numpy as jnp
 Initializer = Callable[[jax.Array, tuple[int, ...], int], jax.Array]
 # (fan_in, L) -> premultiplier.
 Multiplier = Callable[[int, int], float]
+# (fan_in, L, α) -> premultiplier of a residual branch.
+ResidualMultiplier = Callable[[int, int, float], float]
+
+# α of the paper (Depth-μP).
+DEPTH_EXPONENT = 0.5
 
 
 def uniform_fan_in(key: jax.Array, shape: tuple[int, ...], fan_in: int) -> jax.Array:
@@ -47,31 +59,47 @@ def standard_normal(key: jax.Array, shape: tuple[int, ...], fan_in: int) -> jax.
 
 @dataclasses.dataclass(frozen=True)
 class Parameterization:
-  """Premultipliers by role (as functions of the layer's fan-in and L) and the
-  weight initialiser."""
+  """Premultipliers by role (as functions of the layer's fan-in, L and, for
+  residual branches, the depth exponent α) and the weight initialiser."""
 
   entry_multiplier: Multiplier
-  residual_multiplier: Multiplier
+  residual_multiplier: ResidualMultiplier
   readout_multiplier: Multiplier
+  inner_multiplier: Callable[[int], float]  # fan_in -> premultiplier, inside a branch
+  attention_scale: Callable[[int], float]  # head dimension -> logit scale
   init: Initializer
 
 
 PARAMETERIZATIONS: dict[str, Parameterization] = {
-    # Standard PC: plain residual network, PyTorch-default init.
+    # Standard PC: plain residual network, PyTorch-default init, 1/√d_head logits.
+    # No depth scaling: α has no effect.
     "sp": Parameterization(
         entry_multiplier=lambda fan_in, l: 1.0,
-        residual_multiplier=lambda fan_in, l: 1.0,
+        residual_multiplier=lambda fan_in, l, alpha: 1.0,
         readout_multiplier=lambda fan_in, l: 1.0,
+        inner_multiplier=lambda fan_in: 1.0,
+        attention_scale=lambda head_dim: 1.0 / math.sqrt(head_dim),
         init=uniform_fan_in,
     ),
     # μPC: Depth-μP premultipliers on an N(0, 1) init (dense: 1/√D, 1/√(N·L), 1/N).
+    # Inside a branch, μP: 1/√fan_in, and 1/d_head on attention logits (Yang et
+    # al., "Tensor Programs V", 2022: q·k grows like d_head once q and k align).
     "mupc": Parameterization(
         entry_multiplier=lambda fan_in, l: 1.0 / math.sqrt(fan_in),
-        residual_multiplier=lambda fan_in, l: 1.0 / math.sqrt(fan_in * l),
+        residual_multiplier=lambda fan_in, l, alpha: 1.0 / (math.sqrt(fan_in) * l ** alpha),
         readout_multiplier=lambda fan_in, l: 1.0 / fan_in,
+        inner_multiplier=lambda fan_in: 1.0 / math.sqrt(fan_in),
+        attention_scale=lambda head_dim: 1.0 / head_dim,
         init=standard_normal,
     ),
 }
+
+
+def check_depth_exponent(depth_exponent: float) -> None:
+  """Raises ValueError unless α is in [0, 1] (1/2: Depth-μP, 1: CompleteP)."""
+  if not isinstance(depth_exponent, (int, float)) or not 0 <= depth_exponent <= 1:
+    raise ValueError(f"depth_exponent α must be in [0, 1] (the paper: 0.5; CompleteP: 1), got "
+                     f"{depth_exponent!r}.")
 
 
 def get(name: str) -> Parameterization:

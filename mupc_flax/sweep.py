@@ -48,8 +48,9 @@ COLUMNS = ["name", "width", "hidden_layers", "learning_rate", "inference_lr", "s
 def grid(config, learning_rates, inference_lrs, widths=(), depths=()) -> list[tuple[str, object]]:
   """(name, config) for every point of widths × depths × η × β."""
   points = []
-  # The depth of a convolutional network is its residual layers per stage.
-  depth_field = "residual_layers" if config.model.kind == "conv" else "hidden_layers"
+  # The depth of a convolutional network is its residual layers per stage; of a transformer, its blocks.
+  depth_field = {"conv": "residual_layers", "transformer": "blocks"}.get(config.model.kind,
+                                                                         "hidden_layers")
   for width, depth, lr, beta in itertools.product(widths or [config.model.width],
                                                   depths or [config.model[depth_field]],
                                                   learning_rates, inference_lrs):
@@ -67,13 +68,16 @@ def run_point(name: str, config, workdir: pathlib.Path, splits=None) -> dict:
   done = run_dir / "result.json"
   if done.exists():
     return json.loads(done.read_text())
-  hidden_layers = (config.model.stages * (1 + config.model.residual_layers)
-                   if config.model.kind == "conv" else config.model.hidden_layers)
+  hidden_layers = {"conv": config.model.stages * (1 + config.model.residual_layers),
+                   "transformer": 1 + 2 * config.model.blocks}.get(config.model.kind,
+                                                                   config.model.hidden_layers)
   row = {"name": name, "width": config.model.width, "hidden_layers": hidden_layers,
          "learning_rate": config.train.learning_rate, "inference_lr": config.train.inference_lr}
   start = time.perf_counter()
   try:
     final = train.train_and_evaluate(config, str(run_dir), splits=splits)
+    if "preempted_at" in final:  # not a result: the rerun resumes it
+      return row | {"status": "preempted", "steps": final["preempted_at"]}
     row |= {"status": "ok", "test_accuracy": float(final["accuracy"]), "test_loss": float(final["loss"])}
   except UserError as e:
     row |= {"status": "diverged" if "Non-finite" in str(e) else "error", "error": str(e)}
@@ -141,6 +145,9 @@ def main(argv):
     splits = train.load_splits(config)  # loaded once, shared by every run of this worker
     for name, point in points[index::count]:
       row = run_point(name, point, workdir, splits)
+      if row["status"] == "preempted":
+        logging.warning("Preempted during %s; rerun the same command to resume the sweep.", name)
+        return
       logging.info("%s: %s", name, {k: row.get(k) for k in ("status", "min_train_loss", "test_accuracy")})
     if _WORKER.value is not None:
       return

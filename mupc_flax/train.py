@@ -27,8 +27,9 @@ from mupc_flax.conv import ConvResidualPCN
 from mupc_flax.errors import UserError, check_writable_dir
 from mupc_flax.model import ACTIVATIONS, PRECISIONS, HiddenProducts, InferenceKernel, ResidualPCN
 from mupc_flax.parameterization import PARAMETERIZATIONS
+from mupc_flax.transformer import TransformerPCN
 
-ModelKind = Literal["dense", "conv"]
+ModelKind = Literal["dense", "conv", "transformer"]
 
 
 class TrainingError(UserError):
@@ -47,14 +48,15 @@ _CHOICES = {
     "train.loss": get_args(pc.Loss),
     "train.schedule": get_args(pc.Schedule),
     "train.inference_optimizer": get_args(pc.Optimizer),
+    "train.lr_schedule": ("constant", "cosine"),
 }
 _POSITIVE = ("model.width", "model.hidden_layers", "model.stages", "model.kernel_size",
-             "model.stem_stride",
+             "model.stem_stride", "model.patch_size", "model.heads", "model.mlp_ratio",
              "train.batch_size", "train.num_epochs",
              "train.learning_rate", "train.phases", "train.steps_per_layer", "log_every_steps",
              "eval_batch_size",
              "keep_checkpoints", "checkpoint_every_steps")
-_NON_NEGATIVE = ("model.residual_layers", "train.num_steps", "train.inference_steps", "train.inference_lr",
+_NON_NEGATIVE = ("model.residual_layers", "model.blocks", "model.depth_exponent", "train.num_steps", "train.inference_steps", "train.inference_lr",
                  "train.inference_momentum", "train.inference_tolerance", "eval_every_steps",
                  "data.prefetch")
 
@@ -82,6 +84,12 @@ def validate_config(config, num_devices: int, num_processes: int) -> None:
   for field in ("train.inference_momentum", "train.inference_tolerance"):
     if not _get(config, field) < 1:
       raise TrainingError(f"config.{field} must be below 1, got {_get(config, field)!r}.")
+  if not config.model.depth_exponent <= 1:
+    raise TrainingError(f"config.model.depth_exponent must be in [0, 1] (the paper: 0.5; CompleteP: "
+                        f"1), got {config.model.depth_exponent!r}.")
+  if config.model.kind == "transformer" and config.model.hidden_products == "batched":
+    raise TrainingError("config.model.kind = 'transformer' holds its layers per layer: set "
+                        "model.hidden_products = 'auto' or 'per_layer'.")
   if config.train.inference_momentum and config.train.inference_optimizer == "gd":
     raise TrainingError("config.train.inference_momentum needs train.inference_optimizer = "
                         "'momentum' or 'nesterov'.")
@@ -92,7 +100,7 @@ def validate_config(config, num_devices: int, num_processes: int) -> None:
                         "train.inference_tolerance = 0, or use model.inference_kernel = 'xla'.")
   if config.model.inference_kernel == "pallas" and config.model.kind != "dense":
     raise TrainingError("config.model.inference_kernel = 'pallas' covers the dense network only; "
-                        "use 'xla' for model.kind = 'conv'.")
+                        f"use 'xla' for model.kind = {config.model.kind!r}.")
   if config.model.inference_kernel == "pallas" and config.model.hidden_products == "per_layer":
     raise TrainingError("config.model.inference_kernel = 'pallas' needs model.hidden_products = "
                         "'batched' or 'auto'.")
@@ -149,17 +157,30 @@ def _check_finite(window: list[dict], first_step: int) -> None:
 
 
 def build_model(config, spec: data.pipeline.DatasetSpec) -> pc.Network:
-  """The network ``config.model`` describes, for inputs and classes of ``spec``."""
+  """The network ``config.model`` describes, for inputs and classes of ``spec``.
+
+  A shape the network cannot take (e.g. patches that do not tile the
+  images) raises TrainingError naming it.
+  """
   common = dict(activation=config.model.activation, parameterization=config.model.parameterization,
+                depth_exponent=config.model.depth_exponent,
                 hidden_products=config.model.hidden_products, precision=config.model.precision,
                 rngs=nnx.Rngs(config.seed))
-  if config.model.kind == "conv":
-    channels = tuple(config.model.width * 2**s for s in range(config.model.stages))
-    return ConvResidualPCN(spec.image_shape, channels, config.model.residual_layers,
-                           spec.num_classes, kernel_size=config.model.kernel_size,
-                           stem_stride=config.model.stem_stride, **common)
-  return ResidualPCN(spec.input_size, config.model.width, config.model.hidden_layers,
-                     spec.num_classes, inference_kernel=config.model.inference_kernel, **common)
+  try:
+    if config.model.kind == "conv":
+      channels = tuple(config.model.width * 2**s for s in range(config.model.stages))
+      return ConvResidualPCN(spec.image_shape, channels, config.model.residual_layers,
+                             spec.num_classes, kernel_size=config.model.kernel_size,
+                             stem_stride=config.model.stem_stride, **common)
+    if config.model.kind == "transformer":
+      return TransformerPCN(spec.image_shape, config.model.patch_size, config.model.width,
+                            config.model.blocks, spec.num_classes, heads=config.model.heads,
+                            mlp_ratio=config.model.mlp_ratio, **common)
+    return ResidualPCN(spec.input_size, config.model.width, config.model.hidden_layers,
+                       spec.num_classes, inference_kernel=config.model.inference_kernel, **common)
+  except ValueError as e:
+    raise TrainingError(f"config.model does not fit {config.data.name} "
+                        f"({'×'.join(map(str, spec.image_shape))} images): {e}") from None
 
 
 def inference_of(config, model: pc.Network) -> pc.Inference:
@@ -239,7 +260,8 @@ def _exclusive(workdir: pathlib.Path):
 
 def train_and_evaluate(config, workdir: str | os.PathLike,
                        splits: tuple[data.Split, data.Split] | None = None) -> dict:
-  """Trains and evaluates as ``config`` says; returns the final eval metrics.
+  """Trains and evaluates as ``config`` says; returns the final eval metrics,
+  or ``{"preempted_at": step}`` if a preemption notice stopped it early.
 
   Bad input raises a ``UserError`` before the workdir is created or touched.
 
@@ -272,7 +294,10 @@ def train_and_evaluate(config, workdir: str | os.PathLike,
 
   # Model, optimizer and compiled steps.
   model = build_model(config, train_split.spec)
-  optimizer = nnx.Optimizer(model, getattr(optax, config.train.optimizer)(config.train.learning_rate),
+  learning_rate = config.train.learning_rate
+  if config.train.lr_schedule == "cosine":  # from η down to 0 at the last step
+    learning_rate = optax.cosine_decay_schedule(learning_rate, num_steps)
+  optimizer = nnx.Optimizer(model, getattr(optax, config.train.optimizer)(learning_rate),
                             wrt=nnx.Param)
   inference = inference_of(config, model)
   train_step = steps.make_train_step(model, optimizer, mesh, algorithm=config.train.algorithm,
@@ -340,10 +365,11 @@ def train_and_evaluate(config, workdir: str | os.PathLike,
       if save_now:
         checkpointer.save(done, model_state, opt_state, train_iterator,
                           {"step": done, "seed": config.seed, "examples_seen": done * batch_size})
-      if preempted:
+      if preempted and not final:
         logging.warning("Preempted: saved step %d of %d; rerun the same command to resume.",
                         done, num_steps)
-        break
+        # No evaluation: the grace period before the kill is for saving.
+        return {"preempted_at": done}
     if last_eval is None:  # resumed a finished run: report its result
       last_eval = evaluate(eval_step, model_state, test_split, mesh, config.eval_batch_size)
   return last_eval

@@ -147,3 +147,78 @@ def jax_conv_energy(kernels, readout_kernel, layers, readout_multiplier, z, imag
   else:
     total += -jnp.sum(y * jax.nn.log_softmax(out, axis=1))
   return total / images.shape[0]
+
+
+# --- The transformer, written out per layer ----------------------------------------
+
+
+def unstack_transformer(model):
+  """The transformer's weights as plain float64 arrays: a dict with the
+  embedding (kernel, a), per block (qkv, a_i, out, a_o) and (up, a_i, down,
+  a_o), the head (kernel, a), the logit scale, heads, patch size, image shape."""
+  f = lambda v: np.asarray(v[...], np.float64)
+  blocks = []
+  for r in range(model.blocks):
+    blocks.append(((f(model.attention_qkv.kernel)[r], f(model.attention_qkv.multiplier)[r],
+                    f(model.attention_out.kernel)[r], f(model.attention_out.multiplier)[r]),
+                   (f(model.mlp_up.kernel)[r], f(model.mlp_up.multiplier)[r],
+                    f(model.mlp_down.kernel)[r], f(model.mlp_down.multiplier)[r])))
+  return {"embed": (f(model.embed.kernel), float(f(model.embed.multiplier))), "blocks": blocks,
+          "head": (f(model.head.kernel), float(f(model.head.multiplier))),
+          "scale": float(f(model.logit_scale)), "heads": model.heads, "patch": model.patch_size,
+          "image": model.image_shape, "activation": model.activation}
+
+
+def _normalise(v):
+  mu = v.mean(-1, keepdims=True)
+  return (v - mu) / jnp.sqrt(((v - mu) ** 2).mean(-1, keepdims=True) + 1e-6)
+
+
+def _attention(z, qkv, a_in, out, a_out, scale, heads):
+  """Multi-head attention, one head at a time."""
+  n = _normalise(z)
+  width = z.shape[-1]
+  size = width // heads
+  q, k, v = (a_in * (n @ qkv[:, i * width:(i + 1) * width]) for i in range(3))
+  mixed = []
+  for h in range(heads):
+    cols = slice(h * size, (h + 1) * size)
+    logits = scale * jnp.einsum("bqc,bkc->bqk", q[..., cols], k[..., cols])
+    weights = jnp.exp(logits - logits.max(-1, keepdims=True))
+    weights = weights / weights.sum(-1, keepdims=True)
+    mixed.append(jnp.einsum("bqk,bkc->bqc", weights, v[..., cols]))
+  return a_out * (jnp.concatenate(mixed, -1) @ out)
+
+
+def transformer_inputs(net, x):
+  """[B, H·W·C] -> patches in row-major patch order with one-hot positions."""
+  h, w, c = net["image"]
+  p = net["patch"]
+  images = x.reshape(x.shape[0], h, w, c)
+  rows = [images[:, i:i + p, j:j + p, :].reshape(x.shape[0], -1)
+          for i in range(0, h, p) for j in range(0, w, p)]
+  patches = jnp.stack(rows, axis=1)
+  return jnp.concatenate([patches, jnp.broadcast_to(jnp.eye(len(rows)), (x.shape[0], len(rows),
+                                                                           len(rows)))], -1)
+
+
+def transformer_branches(net):
+  """The 2R residual branches bottom to top, each z -> G(z)."""
+  act = {"gelu": jax.nn.gelu, "relu": lambda v: jnp.maximum(v, 0.0), "tanh": jnp.tanh}[net["activation"]]
+  out = []
+  for attention, (up, a_in, down, a_out) in net["blocks"]:
+    out.append(lambda z, w=attention: _attention(z, *w, net["scale"], net["heads"]))
+    out.append(lambda z, up=up, a_in=a_in, down=down, a_out=a_out:
+               a_out * (act(a_in * (_normalise(z) @ up)) @ down))
+  return out
+
+
+def jax_transformer_energy(net, z, x, y):
+  """The transformer's MSE energy, batch mean, with activities z: a list of [B, T, d]."""
+  kernel, a = net["embed"]
+  total = 0.5 * jnp.sum((z[0] - a * (transformer_inputs(net, x) @ kernel)) ** 2)
+  for layer, branch in enumerate(transformer_branches(net), start=1):
+    total += 0.5 * jnp.sum((z[layer] - z[layer - 1] - branch(z[layer - 1])) ** 2)
+  head, a_head = net["head"]
+  out = a_head * (_normalise(z[-1]).mean(1) @ head)
+  return (total + 0.5 * jnp.sum((y - out) ** 2)) / x.shape[0]

@@ -69,6 +69,23 @@ def load_config(path, arg=None):
     ("configs/mnist_conv.py", "smoke,bp", {"model.width": 8, "train.algorithm": "bp"}),
     ("configs/cifar10_conv.py", None, {"model.kind": "conv", "data.name": "cifar10", "train.loss": "ce",
                                        "data.augment": True, "train.inference_lr": 0.01}),
+    ("configs/mnist_depth.py", "deep", {"train.inference_optimizer": "momentum",
+                                        "train.inference_momentum": 0.9, "train.steps_per_layer": 2,
+                                        "train.inference_lr": 16.0, "train.learning_rate": 1e-2,
+                                        "train.lr_schedule": "cosine"}),
+    # Overrides win over variants wherever they stand; variants see them.
+    ("configs/mnist_depth.py", "learning_rate=0.003,batch_size=128,deep",
+     {"train.learning_rate": 0.003, "train.inference_lr": 32.0}),
+    ("configs/cifar10_conv.py", "deep", {"train.inference_lr": 32.0, "train.steps_per_layer": 2}),
+    ("configs/mnist_128.py", "deep", {"train.learning_rate": 5e-3, "model.hidden_layers": 128}),
+    ("configs/mnist_transformer.py", None, {"model.kind": "transformer", "model.width": 64,
+                                            "model.blocks": 4, "model.patch_size": 7,
+                                            "model.heads": 4, "train.learning_rate": 0.1}),
+    ("configs/mnist_transformer.py", "smoke,bp", {"model.width": 16, "model.blocks": 1,
+                                                  "train.algorithm": "bp", "train.learning_rate": 1e-2}),
+    ("configs/mnist_transformer.py", "depth_exponent=1", {"model.depth_exponent": 1.0}),
+    ("configs/cifar10_transformer.py", None, {"model.kind": "transformer", "model.patch_size": 4,
+                                              "data.name": "cifar10", "train.loss": "ce"}),
 ])
 def test_configs_hold_the_paper_settings(path, arg, expected):
   config = load_config(path, arg)
@@ -90,6 +107,16 @@ def test_configs_hold_the_paper_settings(path, arg, expected):
     ("model.inference_kernel", "triton", "config.model.inference_kernel = 'triton' is not one of"),
     ("model.inference_kernel,model.kind", ("pallas", "conv"), "covers the dense network only"),
     ("model.inference_kernel,model.hidden_products", ("pallas", "per_layer"), "needs model.hidden_products"),
+    ("train.inference_optimizer", "adagrad", "config.train.inference_optimizer = 'adagrad' is not one of"),
+    ("train.inference_momentum", 1.0, "config.train.inference_momentum must be below 1"),
+    ("train.inference_tolerance", -0.1, "config.train.inference_tolerance must be non-negative"),
+    ("train.inference_momentum", 0.9, "needs train.inference_optimizer = 'momentum' or 'nesterov'"),
+    ("train.inference_optimizer,model.inference_kernel", ("momentum", "pallas"),
+     "runs plain gradient descent"),
+    ("model.depth_exponent", 1.5, "config.model.depth_exponent must be in \\[0, 1\\]"),
+    ("model.kind,model.hidden_products", ("transformer", "batched"), "holds its layers per layer"),
+    ("model.kind,model.inference_kernel", ("transformer", "pallas"), "covers the dense network only"),
+    ("model.heads", 0, "config.model.heads must be positive"),
 ])
 def test_config_errors_are_clear(field, value, message):
   config = load_config("configs/default.py")

@@ -147,21 +147,33 @@ def _locate(model: Network, layer: int) -> tuple[int, int]:
 class _Start(NamedTuple):
   """Where inference starts, per stage in the model's layout: activities z⁰,
   φ(z⁰), and the errors there (None at the feed-forward start, where they
-  are zero by definition)."""
+  are zero by definition). For a network of general branches, also what
+  each residual branch and each stage's entry predict there (``branch``:
+  per stage, the branches of layers 1… of the stage; ``entry``: per stage,
+  None for the first); None for linear ones."""
 
   z: tuple
   phi: tuple
   errors: tuple | None
+  branch: tuple | None
+  entry: tuple | None
 
 
 def _start(model: Network, stages: tuple, errors: tuple | None) -> _Start:
   per_layer = model.hidden_products == "per_layer"
-  # The barrier makes XLA compute z⁰ and φ(z⁰) once. Otherwise it may
-  # recompute z⁰ inside the fusions that use it, rounded differently
-  # (seen: one ulp), and φ(z⁰ + δ) − φ(z⁰) is no longer exactly zero where δ is.
-  stages, phi = jax.lax.optimization_barrier((stages, tuple(model.phi(z) for z in stages)))
   arrange = lambda arrays: tuple(layout.arrange(a, per_layer) for a in arrays)
-  return _Start(arrange(stages), arrange(phi), None if errors is None else arrange(errors))
+  phi = arrange(tuple(model.phi(z) for z in stages))
+  branch = entry = None
+  if not model.linear_branches:
+    weights = _residual_weights(model)
+    branch = tuple(model.residual_branch(s, weights[s], h[:-1]) for s, h in enumerate(phi))
+    entry = (None,) + tuple(model.entry(s, phi[s - 1][-1]) for s in range(1, len(phi)))
+  # The barrier makes XLA compute z⁰, φ(z⁰) and what the branches predict from
+  # them once. Otherwise it may recompute them inside the fusions that use
+  # them, rounded differently (seen: one ulp), and a layer whose input has not
+  # moved would see its prediction move.
+  stages, phi, branch, entry = jax.lax.optimization_barrier((arrange(stages), phi, branch, entry))
+  return _Start(stages, phi, None if errors is None else arrange(errors), branch, entry)
 
 
 def _residual_weights(model: Network) -> tuple:
@@ -170,6 +182,35 @@ def _residual_weights(model: Network) -> tuple:
   per_layer = model.hidden_products == "per_layer"
   return tuple(tuple(tuple(w) if per_layer else w for w in model.residual_weights(s))
                for s in range(len(model.stage_layers)))
+
+
+def _moved(model: Network, f: Callable, h, h0, f_h0=None, layers: bool = True):
+  """How far the prediction f(h) has moved from f(h⁰).
+
+  A linear map (``model.linear_branches``) of φ: f(h − h⁰), exactly zero
+  where h = h⁰ and of full relative precision for small changes. A general
+  map: f(h) − f(h⁰) with f(h⁰) = ``f_h0`` from the start, set to exactly
+  zero for every sample whose input has not changed (elsewhere it carries
+  the rounding of f). ``h`` holds layers (``layers``: a tuple of [B, ...]
+  or an array [S, B, ...]) or is one [B, ...] array.
+  """
+  if model.linear_branches:
+    return f(jax.tree.map(jnp.subtract, h, h0))
+  first = 2 if layers and not isinstance(h, tuple) else 1  # the axes after the sample axis
+  same = jax.tree.map(lambda a, b: jnp.all(a == b, axis=tuple(range(first, a.ndim)), keepdims=True),
+                      h, h0)
+  return jax.tree.map(lambda same, a, b: jnp.where(same, 0.0, a - b), same, f(h), f_h0)
+
+
+def _pullback(model: Network, f: Callable, h) -> Callable:
+  """e ↦ (∂f/∂h at h)ᵀ e. For a linear map, its transpose (for a layer's
+  product h ↦ a·hW, e ↦ a·eWᵀ: XLA sees the transposed product directly,
+  with no forward product to prune); else the vector–Jacobian product."""
+  if model.linear_branches:
+    transpose = jax.linear_transpose(f, h)
+    return lambda cotangent: transpose(cotangent)[0]
+  _, vjp = jax.vjp(f, h)
+  return lambda cotangent: vjp(cotangent)[0]
 
 
 def _errors(model: Network, start: _Start, delta: tuple, stage: int, index: int,
@@ -189,8 +230,10 @@ def _errors(model: Network, start: _Start, delta: tuple, stage: int, index: int,
     d, z0, phi0 = delta[i], start.z[s][low:], start.phi[s][low:]
     phi = jax.tree.map(lambda z, v: model.phi(z + v), z0, d)
     if i:  # the stage's entry layer, predicted from the top of the stage below
-      shift = model.entry(s, phis[-1][-1] - start.phi[s - 1][-1])
-    moved = model.residual_branch(s, weights[i], jax.tree.map(jnp.subtract, phi[:-1], phi0[:-1]))
+      shift = _moved(model, lambda h, s=s: model.entry(s, h), phis[-1][-1], start.phi[s - 1][-1],
+                     None if start.entry is None else start.entry[s], layers=False)
+    moved = _moved(model, lambda h, s=s, w=weights[i]: model.residual_branch(s, w, h), phi[:-1],
+                   phi0[:-1], None if start.branch is None else start.branch[s][low:])
     shifts = layout.join(layout.single(shift, d), jax.tree.map(jnp.add, moved, d[:-1]))
     e = jax.tree.map(jnp.subtract, d, shifts)
     if start.errors is not None:
@@ -206,21 +249,17 @@ def _bottom_shift(model: Network, start: _Start, delta: tuple, weights: tuple, s
   through the layer below it."""
   if index:  # a residual layer: its skip and its branch
     below = delta[stage][index - 1]
-    moved = model.phi(start.z[stage][index - 1] + below) - start.phi[stage][index - 1]
+    h = layout.single(model.phi(start.z[stage][index - 1] + below), delta[stage])
+    h0 = start.phi[stage][index - 1:index]
     branch = tuple(w[index - 1:index] for w in weights[stage])
-    return model.residual_branch(stage, branch, layout.single(moved, delta[stage]))[0] + below
+    moved = _moved(model, lambda h: model.residual_branch(stage, branch, h), h, h0,
+                   None if start.branch is None else start.branch[stage][index - 1:index])
+    return moved[0] + below
   if stage:  # a stage's entry layer, from the top of the stage below
-    moved = model.phi(start.z[stage - 1][-1] + delta[stage - 1][-1]) - start.phi[stage - 1][-1]
-    return model.entry(stage, moved)
+    h = model.phi(start.z[stage - 1][-1] + delta[stage - 1][-1])
+    return _moved(model, lambda h: model.entry(stage, h), h, start.phi[stage - 1][-1],
+                  None if start.entry is None else start.entry[stage], layers=False)
   return jnp.zeros_like(start.z[0][0])  # the input projection a_1 W_1 x never moves
-
-
-def _transpose(f: Callable, h) -> Callable:
-  """The transpose of the linear map ``f`` at inputs shaped like ``h``: for a
-  layer's product h ↦ a·hW, e ↦ a·eWᵀ (XLA sees the transposed product
-  directly, with no forward product to prune)."""
-  transpose = jax.linear_transpose(f, h)
-  return lambda cotangent: transpose(cotangent)[0]
 
 
 def _activity_gradient(model: Network, start: _Start, y: jax.Array, delta: tuple, stage: int,
@@ -228,33 +267,36 @@ def _activity_gradient(model: Network, start: _Start, y: jax.Array, delta: tuple
                        batch_size: int) -> tuple:
   """∂F/∂δ of the layers from (``stage``, ``index``) up, in closed form.
 
-  With e the errors and J_{k+1} the linear map from φ(z_k) to the prediction
-  of the layer above (a residual branch, the next stage's entry, or the
-  readout, whose "error" is the output error ε):
+  With e the errors and J_{k+1} the map from φ(z_k) to the prediction of the
+  layer above (a residual branch, the next stage's entry, or the readout,
+  whose "error" is the output error ε):
 
       B · ∂F/∂δ_k = e_k − e_{k+1} [if layer k+1 has a skip] − φ'(z_k) ⊙ J_{k+1}ᵀ e_{k+1}.
 
-  This is what ``jax.grad`` of the block's energy computes, written so that
-  each transposed product feeds one elementwise update (on CPU at 256 × 32,
+  For linear maps of φ (dense, conv), Jᵀ is the map's transpose; for general
+  branches (φ the identity), the branch's vector–Jacobian product. This is
+  what ``jax.grad`` of the block's energy computes, written so that each
+  transposed product feeds one elementwise update (on CPU at 256 × 32,
   inference 1.16× faster than through ``jax.grad``). Layers the wavefront has
   not reached have e = 0 and get exactly zero.
   """
   errors, phis = _errors(model, start, delta, stage, index, bottom_shift, weights)
   above = output_errors(model.readout(phis[-1][-1]), y, loss)
-  above = _transpose(model.readout, phis[-1][-1])(above)
+  above = _pullback(model, model.readout, phis[-1][-1])(above)
   grads = []
   for i in reversed(range(len(errors))):
     s, low = stage + i, index if i == 0 else 0
     e, phi = errors[i], phis[i]
-    z = jax.tree.map(jnp.add, start.z[s][low:], delta[i])
-    slope = jax.tree.map(lambda v: jax.jvp(model.phi, (v,), (jnp.ones_like(v),))[1], z)
     branch = lambda h, s=s, w=weights[i]: model.residual_branch(s, w, h)
-    back = layout.join(_transpose(branch, phi[:-1])(e[1:]), layout.single(above, e))
+    back = layout.join(_pullback(model, branch, phi[:-1])(e[1:]), layout.single(above, e))
     skip = layout.join(e[1:], layout.single(jnp.zeros_like(above), e))
-    grads.append(jax.tree.map(lambda e, skip, slope, back: (e - skip - slope * back) / batch_size,
-                              e, skip, slope, back))
+    if model.linear_branches:
+      z = jax.tree.map(jnp.add, start.z[s][low:], delta[i])
+      back = jax.tree.map(lambda v, back: jax.jvp(model.phi, (v,), (jnp.ones_like(v),))[1] * back,
+                          z, back)
+    grads.append(jax.tree.map(lambda e, skip, back: (e - skip - back) / batch_size, e, skip, back))
     if i:  # the entry of stage s, predicted from the top of the stage below
-      above = _transpose(lambda h, s=s: model.entry(s, h), phis[i - 1][-1])(e[0])
+      above = _pullback(model, lambda h, s=s: model.entry(s, h), phis[i - 1][-1])(e[0])
   return tuple(reversed(grads))
 
 
