@@ -8,7 +8,7 @@ from flax import nnx
 
 import mupc_flax as mf
 import oracles
-from mupc_flax import diagnostics, metrics, pc
+from mupc_flax import diagnostics, metrics
 from programs import checkpoint_steps, load_checkpoint, run
 
 IMAGE, CHANNELS, RESIDUAL, CLASSES, B = (6, 6, 2), (3, 4), (2, 1), 3, 5

@@ -80,7 +80,7 @@ def load_config(path, arg=None):
     ("configs/mnist_128.py", "deep", {"train.learning_rate": 5e-3, "model.hidden_layers": 128}),
     ("configs/mnist_transformer.py", None, {"model.kind": "transformer", "model.width": 64,
                                             "model.blocks": 4, "model.patch_size": 7,
-                                            "model.heads": 4, "train.learning_rate": 0.1}),
+                                            "model.heads": 4, "train.learning_rate": 0.03}),
     ("configs/mnist_transformer.py", "smoke,bp", {"model.width": 16, "model.blocks": 1,
                                                   "train.algorithm": "bp", "train.learning_rate": 1e-2}),
     ("configs/mnist_transformer.py", "depth_exponent=1", {"model.depth_exponent": 1.0}),

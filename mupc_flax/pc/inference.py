@@ -162,17 +162,18 @@ class _Start(NamedTuple):
 def _start(model: Network, stages: tuple, errors: tuple | None) -> _Start:
   per_layer = model.hidden_products == "per_layer"
   arrange = lambda arrays: tuple(layout.arrange(a, per_layer) for a in arrays)
-  phi = arrange(tuple(model.phi(z) for z in stages))
+  # The barrier makes XLA compute z⁰, φ(z⁰) (and, for general branches, what
+  # the branches predict from them) once. Otherwise it may recompute them
+  # inside the fusions that use them, rounded differently (seen: one ulp),
+  # and a layer whose input has not moved would see its prediction move.
+  stages, phi = jax.lax.optimization_barrier((stages, tuple(model.phi(z) for z in stages)))
+  stages, phi = arrange(stages), arrange(phi)
   branch = entry = None
   if not model.linear_branches:
     weights = _residual_weights(model)
     branch = tuple(model.residual_branch(s, weights[s], h[:-1]) for s, h in enumerate(phi))
     entry = (None,) + tuple(model.entry(s, phi[s - 1][-1]) for s in range(1, len(phi)))
-  # The barrier makes XLA compute z⁰, φ(z⁰) and what the branches predict from
-  # them once. Otherwise it may recompute them inside the fusions that use
-  # them, rounded differently (seen: one ulp), and a layer whose input has not
-  # moved would see its prediction move.
-  stages, phi, branch, entry = jax.lax.optimization_barrier((arrange(stages), phi, branch, entry))
+    branch, entry = jax.lax.optimization_barrier((branch, entry))
   return _Start(stages, phi, None if errors is None else arrange(errors), branch, entry)
 
 
