@@ -2,40 +2,39 @@
 reaches the bottom of a deep μPC network, and what training with it gives.
 
     MUPC_MNIST_DIR=../shared/data/mnist python docs/deep_inference.py --workdir=/tmp/mupc_deep
-    ... --parts=profiles          # one part: profiles, eta, training, shapes, transfer
+    ... --parts=profiles          # some parts, run in the order given
 
 Parts (each resumable: runs are ordinary workdirs under --workdir, profiles are
 cached in docs/deep_inference.json, which holds every number):
 
 - profiles: at initialisation, on the first 64 test images, the per-matrix
   cosine and norm ratio of the PC weight gradient against BP's, for the
-  paper's recipe, plain descent with the deep recipe's steps, the deep recipe,
+  paper's recipe, plain descent with the deep recipe's β and T, the deep recipe,
   and the equilibrium (momentum descent until the relative activity gradient
-  is below 1e-6, at most 200·H steps).
-- eta: the deep recipe's weight learning rate, dense width 128, H = 32.
-- training: one epoch of MNIST, dense width 128 at H = 16, 32, 64 and the
-  convolutional network at 2, 4, 6 residual layers per stage; the paper's
-  recipe, the deep recipe and BP.
+  is below 1e-6, at most 50·H steps).
+- training: one epoch of MNIST, dense width 128 at H = 16, 32, 64; the
+  paper's recipe, the deep recipe and BP.
 - shapes: the same at shapes the recipe was not chosen on (dense 256 × 32,
   64 × 64).
-- transfer: an (η, β) grid over two depths under the deep recipe.
+- transfer: an (η, β) grid over two depths under the deep recipe, 300 steps.
+- conv: the deep recipe on the convolutional network at 2 and 4 residual
+  layers per stage (6 and 12 in all); the paper's recipe and BP there are
+  section 7's runs, read from docs/results.json.
 """
 
 import argparse
 import json
-import os
 import pathlib
 import sys
 import time
 
-import jax
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import make_results  # noqa: E402  (its config loading and evaluation reading)
 
 import mupc_flax as mf  # noqa: E402
-from mupc_flax import data, diagnostics, metrics, plots, sweep  # noqa: E402
+from mupc_flax import data, diagnostics, plots, sweep  # noqa: E402
 from mupc_flax.train import build_model, inference_of  # noqa: E402
 
 REPO = make_results.REPO
@@ -43,7 +42,11 @@ FIGURES = make_results.FIGURES
 SAVED = REPO / "docs" / "deep_inference.json"
 
 DENSE = [(128, 16), (128, 32), (128, 64)]
-CONV = [2, 4, 6]  # residual layers per stage: 6, 12, 18 in all
+# Residual layers per stage: 6, 12 and 18 in all for the profiles. Training
+# stops at 12: the deep recipe at 18 takes about 4 s a step here, over an
+# hour an epoch.
+CONV = [2, 4, 6]
+CONV_TRAINING = [2, 4]
 OTHER_SHAPES = [(256, 32), (64, 64)]
 METHODS = {"paper": "", "deep": "deep", "bp": "bp"}
 
@@ -82,9 +85,9 @@ def profiles(splits, results) -> dict:
     deep = inference_of(make_results.load_config("configs/mnist_depth.py", "deep"), model)
     inferences = {
         "paper": mf.Inference(hidden, 0.5),
-        "gd, 3H steps": mf.Inference(3 * hidden, 0.5),
+        "gd, deep's β and T": mf.Inference(deep.steps, deep.lr),
         "deep": deep,
-        "equilibrium": mf.Inference(200 * hidden, deep.lr, "plain", optimizer="momentum",
+        "equilibrium": mf.Inference(50 * hidden, deep.lr, "plain", optimizer="momentum",
                                     momentum=deep.momentum, tolerance=1e-6),
     }
     for method, inference in inferences.items():
@@ -110,32 +113,31 @@ def run(config, name, workdir, splits, data_dir) -> dict:
   return row | {k: evaluation.get(k) for k in keep} | {"num_steps": evaluation.get("step")}
 
 
-def eta(workdir, splits, data_dir, results) -> list:
-  rows = []
-  for learning_rate in (0.003, 0.01, 0.03, 0.1):
-    config = dense_config(128, 32, f"deep,learning_rate={learning_rate}")
-    rows.append(run(config, f"deep_w128_h32_lr{learning_rate:g}", workdir / "eta", splits, data_dir)
-                | {"learning_rate": learning_rate})
-    print("eta", learning_rate, rows[-1]["status"], rows[-1].get("test_accuracy"), flush=True)
-  results["eta"] = rows
-  return rows
-
-
-def training(workdir, splits, data_dir, results, dense_shapes, conv_depths, key) -> dict:
+def training(workdir, splits, data_dir, results, dense_shapes, key) -> dict:
   out = results.setdefault(key, {})
-  for method, variant in METHODS.items():
-    for width, depth in dense_shapes:
+  for width, depth in dense_shapes:
+    for method, variant in METHODS.items():
       name = f"{method}_w{width}_h{depth}"
       out[name] = run(dense_config(width, depth, variant), name, workdir / key, splits, data_dir)
       print(name, out[name]["status"], out[name].get("test_accuracy"),
             round(out[name]["seconds"]), flush=True)
       SAVED.write_text(json.dumps(results, indent=1))
-    for residual in conv_depths:
-      name = f"{method}_conv_r{residual}"
-      out[name] = run(conv_config(residual, variant), name, workdir / key, splits, data_dir)
-      print(name, out[name]["status"], out[name].get("test_accuracy"),
-            round(out[name]["seconds"]), flush=True)
-      SAVED.write_text(json.dumps(results, indent=1))
+  return out
+
+
+def conv(workdir, splits, data_dir, results) -> dict:
+  """The deep recipe on the conv network; the paper's recipe and BP from section 7."""
+  out = results.setdefault("conv", {})
+  section7 = json.loads((REPO / "docs" / "results.json").read_text())["conv"]
+  for method, label in (("paper", "μPC"), ("bp", "BP (Depth-μP)")):
+    for row in section7[label]:
+      out[f"{method}_conv_r{row['residual_layers'] // 3}"] = row
+  for residual in CONV_TRAINING:
+    name = f"deep_conv_r{residual}"
+    out[name] = run(conv_config(residual, "deep"), name, workdir / "conv", splits, data_dir)
+    print(name, out[name]["status"], out[name].get("test_accuracy"),
+          round(out[name]["seconds"]), flush=True)
+    SAVED.write_text(json.dumps(results, indent=1))
   return out
 
 
@@ -147,7 +149,7 @@ def transfer(workdir, splits, data_dir, results, steps=300) -> list:
   config.eval_every_steps = steps
   config.checkpoint_every_steps = steps
   config.log_gradient_agreement = False
-  points = sweep.grid(config, ["0.03", "0.01", "0.003", "0.001"], ["64", "32", "16", "8"],
+  points = sweep.grid(config, ["0.03", "0.01", "0.003"], ["32", "16", "8"],
                       depths=["8", "32"])
   for name, point in points:
     sweep.run_point(name, point, workdir / "transfer", splits)
@@ -160,14 +162,14 @@ def figures(results) -> None:
   for shape, file in (("dense 128x64", "deep_cosines_dense.png"),
                       ("conv 18 residual", "deep_cosines_conv.png")):
     series = {m: prof[f"{shape} | {m}"]["layer_cosines"] for m in
-              ("paper", "gd, 3H steps", "deep", "equilibrium") if f"{shape} | {m}" in prof}
+              ("paper", "gd, deep's β and T", "deep", "equilibrium") if f"{shape} | {m}" in prof}
     if series:
       plots.cosine_profile(series, FIGURES / file)
-  train = results.get("training", {})
+  runs = results.get("training", {}) | results.get("conv", {})
   for tag, file, label in (("w128_h64", "deep_layer_learning_dense.png", "dense 128 × 64"),
-                           ("conv_r6", "deep_layer_learning_conv.png", "conv, 18 residual")):
-    series = {f"{m}, {label}": train[f"{m}_{tag}"]["weight_change"] for m in METHODS
-              if train.get(f"{m}_{tag}", {}).get("weight_change")}
+                           ("conv_r4", "deep_layer_learning_conv.png", "conv, 12 residual")):
+    series = {f"{m}, {label}": runs[f"{m}_{tag}"]["weight_change"] for m in METHODS
+              if runs.get(f"{m}_{tag}", {}).get("weight_change")}
     if series:
       plots.layer_learning(series, FIGURES / file)
   if results.get("transfer"):
@@ -177,29 +179,18 @@ def figures(results) -> None:
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--workdir", required=True)
-  parser.add_argument("--parts", default="profiles,eta,training,shapes,transfer")
+  parser.add_argument("--parts", default="profiles,training,shapes,transfer,conv")
   args = parser.parse_args()
-  parts = set(args.parts.split(","))
-  workdir = pathlib.Path(args.workdir).absolute()
-  data_dir = str(workdir / "tfds")
-  data.prepare("mnist", data_dir, manual_dir=os.environ.get("MUPC_MNIST_DIR"))
-  splits = tuple(data.Split("mnist", s, data_dir) for s in ("train", "test"))
-  results = json.loads(SAVED.read_text()) if SAVED.exists() else {}
-  results["environment"] = {"date": time.strftime("%Y-%m-%d"), "jax": jax.__version__,
-                            "backend": jax.default_backend(), "cpus": os.cpu_count()}
-  if "profiles" in parts:
-    profiles(splits, results)
-  if "eta" in parts:
-    eta(workdir, splits, data_dir, results)
-  if "training" in parts:
-    training(workdir, splits, data_dir, results, DENSE, CONV, "training")
-  if "shapes" in parts:
-    training(workdir, splits, data_dir, results, OTHER_SHAPES, [], "shapes")
-  if "transfer" in parts:
-    transfer(workdir, splits, data_dir, results)
-  SAVED.write_text(json.dumps(results, indent=1))
-  figures(results)
-  print("done:", SAVED)
+  workdir, data_dir, splits = make_results.prepared_mnist(args.workdir)
+  results = make_results.saved_results(SAVED)
+  parts = {
+      "profiles": lambda: profiles(splits, results),
+      "training": lambda: training(workdir, splits, data_dir, results, DENSE, "training"),
+      "shapes": lambda: training(workdir, splits, data_dir, results, OTHER_SHAPES, "shapes"),
+      "transfer": lambda: transfer(workdir, splits, data_dir, results),
+      "conv": lambda: conv(workdir, splits, data_dir, results),
+  }
+  make_results.run_parts(parts, args.parts, SAVED, results, figures)
 
 
 if __name__ == "__main__":

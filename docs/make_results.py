@@ -10,10 +10,10 @@ the numbers to docs/results.json. About an hour on 2 CPU cores.
 import argparse
 import importlib.util
 import json
-import math
 import os
 import pathlib
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +33,33 @@ def load_config(path: str, arg: str | None = None):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg)
+
+
+def prepared_mnist(workdir: str) -> tuple[pathlib.Path, str, tuple]:
+  """(the absolute workdir, its data directory, the (train, test) splits), with
+  MNIST prepared there from ``$MUPC_MNIST_DIR``."""
+  workdir = pathlib.Path(workdir).absolute()
+  data_dir = str(workdir / "tfds")
+  data.prepare("mnist", data_dir, manual_dir=os.environ.get("MUPC_MNIST_DIR"))
+  return workdir, data_dir, tuple(data.Split("mnist", s, data_dir) for s in ("train", "test"))
+
+
+def saved_results(path: pathlib.Path) -> dict:
+  """The numbers saved in ``path`` so far, stamped with this run's date and versions."""
+  results = json.loads(path.read_text()) if path.exists() else {}
+  results["environment"] = {"date": time.strftime("%Y-%m-%d"), "jax": jax.__version__,
+                            "backend": jax.default_backend(), "cpus": os.cpu_count()}
+  return results
+
+
+def run_parts(parts: dict, names: str, saved: pathlib.Path, results: dict, figures) -> None:
+  """Runs the named parts (comma-separated, in that order), then saves the
+  results to ``saved`` and draws ``figures(results)``."""
+  for name in names.split(","):
+    parts[name]()
+  saved.write_text(json.dumps(results, indent=1))
+  figures(results)
+  print("done:", saved)
 
 
 def last_eval(workdir: pathlib.Path) -> dict:
@@ -162,10 +189,7 @@ def main():
                            "numbers in docs/results.json are kept")
   args = parser.parse_args()
   studies = set(args.studies.split(","))
-  workdir = pathlib.Path(args.workdir).absolute()
-  data_dir = str(workdir / "tfds")
-  data.prepare("mnist", data_dir, manual_dir=os.environ.get("MUPC_MNIST_DIR"))
-  splits = tuple(data.Split("mnist", s, data_dir) for s in ("train", "test"))
+  workdir, data_dir, splits = prepared_mnist(args.workdir)
   test = data.pipeline.preprocess(*splits[1].read(np.arange(64)), splits[1].spec)
   x, y = jnp.asarray(test["x"]), jnp.asarray(test["y"])
 

@@ -77,14 +77,15 @@ def lr_transfer(rows: list[dict], path, by: str = "width") -> pathlib.Path:
   return _save(fig, path)
 
 
-def accuracy_vs_depth(series: dict[str, list[tuple[int, float]]], path, title: str = "") -> pathlib.Path:
-  """Test accuracy against the number of hidden layers, one line per method."""
+def accuracy_vs_depth(series: dict[str, list[tuple[int, float]]], path, title: str = "",
+                      xlabel: str = "hidden layers H") -> pathlib.Path:
+  """Test accuracy against depth (by default the number of hidden layers), one line per method."""
   fig, ax = plt.subplots(figsize=(4.5, 3.2))
   for name, points in series.items():
     depths, accuracies = zip(*sorted(points))
     ax.plot(depths, [100 * a for a in accuracies], "o-", label=name)
   ax.set_xscale("log", base=2)
-  ax.set_xlabel("hidden layers H")
+  ax.set_xlabel(xlabel)
   ax.set_ylabel("test accuracy (%)")
   ax.set_title(title)
   ax.legend()
