@@ -87,6 +87,9 @@ def validate_config(config, num_devices: int, num_processes: int) -> None:
   if not config.model.depth_exponent <= 1:
     raise TrainingError(f"config.model.depth_exponent must be in [0, 1] (the paper: 0.5; CompleteP: "
                         f"1), got {config.model.depth_exponent!r}.")
+  if config.model.kind == "transformer" and config.model.width % config.model.heads:
+    raise TrainingError(f"config.model.width ({config.model.width}) must be a multiple of "
+                        f"config.model.heads ({config.model.heads}): choose heads that divide it.")
   if config.model.kind == "transformer" and config.model.hidden_products == "batched":
     raise TrainingError("config.model.kind = 'transformer' holds its layers per layer: set "
                         "model.hidden_products = 'auto' or 'per_layer'.")

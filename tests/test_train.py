@@ -117,6 +117,8 @@ def test_configs_hold_the_paper_settings(path, arg, expected):
     ("model.kind,model.hidden_products", ("transformer", "batched"), "holds its layers per layer"),
     ("model.kind,model.inference_kernel", ("transformer", "pallas"), "covers the dense network only"),
     ("model.heads", 0, "config.model.heads must be positive"),
+    ("model.kind,model.heads", ("transformer", 5), "config.model.width \\(512\\) must be a multiple of "
+     "config.model.heads \\(5\\)"),
 ])
 def test_config_errors_are_clear(field, value, message):
   config = load_config("configs/default.py")
