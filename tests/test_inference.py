@@ -68,8 +68,8 @@ def test_an_optax_optimizer_is_applied_to_the_activities():
   np.testing.assert_allclose(got, np.stack(z), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
-@pytest.mark.parametrize("products", ["batched", "per_layer"])
+@pytest.mark.parametrize("optimizer,products", [(name, "batched") for name in OPTIMIZERS] + [
+    ("nesterov", "per_layer"), ("adam", "per_layer")])  # a tuple of states, and an optax tree
 def test_wavefront_equals_plain_for_every_optimizer(optimizer, products):
   model = make_model(hidden_layers=7, hidden_products=products)
   x, y = oracles.random_batch(8, 16, D, C)
