@@ -11,7 +11,8 @@ The text after ':' is a comma-separated list of variants and overrides:
   bp                the same network trained by backprop ("BP with Depth-μP" under μPC)
   deep              inference that reaches the bottom layers (docs/results.md, section 9):
                     heavy-ball momentum 0.9, T = 2H steps, β = B/4 (a per-sample step of
-                    1/4), and BP's weight learning rate with a cosine decay
+                    1/4), and BP's weight learning rate (unless the config measured
+                    another) with a cosine decay
   name=value        a field of config.model, config.train or config.data by its name,
                     e.g. hidden_layers=32,width=256
 """
@@ -113,8 +114,12 @@ def _override(config: ml_collections.ConfigDict, item: str) -> None:
 
 
 def apply_arg(config: ml_collections.ConfigDict, arg: str | None,
-              bp_learning_rate: float = BP_LEARNING_RATE) -> ml_collections.ConfigDict:
+              bp_learning_rate: float = BP_LEARNING_RATE,
+              deep_learning_rate: float | None = None) -> ml_collections.ConfigDict:
   """Applies the variants and ``name=value`` overrides of a config argument.
+
+  ``bp`` trains at ``bp_learning_rate``; ``deep`` at ``deep_learning_rate``
+  where a config has measured one, else at ``bp_learning_rate``.
 
   Overrides win over variants wherever they stand, and variants see them
   (``batch_size=128,deep`` sets β for a batch of 128).
@@ -148,7 +153,7 @@ def apply_arg(config: ml_collections.ConfigDict, arg: str | None,
       config.train.inference_momentum = DEEP_MOMENTUM
       config.train.steps_per_layer = DEEP_STEPS_PER_LAYER
       config.train.inference_lr = DEEP_STEP_PER_SAMPLE * config.train.batch_size
-      config.train.learning_rate = bp_learning_rate
+      config.train.learning_rate = deep_learning_rate or bp_learning_rate
       config.train.lr_schedule = "cosine"
     else:
       raise ValueError(f"Unknown config variant {item!r}; use smoke, sp, bp, deep or name=value.")

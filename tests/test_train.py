@@ -77,6 +77,8 @@ def load_config(path, arg=None):
     ("configs/mnist_depth.py", "learning_rate=0.003,batch_size=128,deep",
      {"train.learning_rate": 0.003, "train.inference_lr": 32.0}),
     ("configs/cifar10_conv.py", "deep", {"train.inference_lr": 32.0, "train.steps_per_layer": 2}),
+    ("configs/mnist_conv.py", "deep", {"train.learning_rate": 0.03, "train.lr_schedule": "cosine"}),
+    ("configs/mnist_conv.py", "deep,learning_rate=0.01", {"train.learning_rate": 0.01}),
     ("configs/mnist_128.py", "deep", {"train.learning_rate": 5e-3, "model.hidden_layers": 128}),
     ("configs/mnist_transformer.py", None, {"model.kind": "transformer", "model.width": 64,
                                             "model.blocks": 4, "model.patch_size": 7,
