@@ -23,7 +23,6 @@ cached in docs/deep_inference.json, which holds every number):
   docs/results.json.
 """
 
-import argparse
 import json
 import pathlib
 import sys
@@ -145,13 +144,7 @@ def conv(workdir, splits, data_dir, results) -> dict:
 
 
 def transfer(workdir, splits, data_dir, results, steps=300) -> list:
-  config = dense_config(128, 8, "deep")
-  config.data.data_dir = data_dir
-  config.train.num_steps = steps
-  config.log_every_steps = 25
-  config.eval_every_steps = steps
-  config.checkpoint_every_steps = steps
-  config.log_gradient_agreement = False
+  config = make_results.short_runs(dense_config(128, 8, "deep"), data_dir, steps)
   points = sweep.grid(config, ["0.03", "0.01", "0.003"], ["32", "16", "8"],
                       depths=["8", "32"])
   for name, point in points:
@@ -179,21 +172,18 @@ def figures(results) -> None:
     plots.lr_transfer(results["transfer"], FIGURES / "deep_transfer_depths.png", by="hidden_layers")
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--workdir", required=True)
-  parser.add_argument("--parts", default="profiles,training,shapes,transfer,conv")
-  args = parser.parse_args()
-  workdir, data_dir, splits = make_results.prepared_mnist(args.workdir)
-  results = make_results.saved_results(SAVED)
-  parts = {
+def parts_of(workdir, data_dir, splits, results) -> dict:
+  return {
       "profiles": lambda: profiles(splits, results),
       "training": lambda: training(workdir, splits, data_dir, results, DENSE, "training"),
       "shapes": lambda: training(workdir, splits, data_dir, results, OTHER_SHAPES, "shapes"),
       "transfer": lambda: transfer(workdir, splits, data_dir, results),
       "conv": lambda: conv(workdir, splits, data_dir, results),
   }
-  make_results.run_parts(parts, args.parts, SAVED, results, figures)
+
+
+def main():
+  make_results.study_main(__doc__, SAVED, parts_of, figures)
 
 
 if __name__ == "__main__":

@@ -52,10 +52,21 @@ def saved_results(path: pathlib.Path) -> dict:
   return results
 
 
-def run_parts(parts: dict, names: str, saved: pathlib.Path, results: dict, figures) -> None:
-  """Runs the named parts (comma-separated, in that order), then saves the
-  results to ``saved`` and draws ``figures(results)``."""
-  for name in names.split(","):
+def study_main(doc: str, saved: pathlib.Path, parts_of, figures) -> None:
+  """The command line of a study script: ``--workdir`` and ``--parts``.
+
+  ``parts_of(workdir, data_dir, splits, results)`` returns {name: callable};
+  the named parts (all, by default) run in the order given, then the
+  results are saved to ``saved`` and ``figures(results)`` draws them.
+  """
+  parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--parts", default="", help="comma-separated parts, in order (default: all)")
+  args = parser.parse_args()
+  workdir, data_dir, splits = prepared_mnist(args.workdir)
+  results = saved_results(saved)
+  parts = parts_of(workdir, data_dir, splits, results)
+  for name in (args.parts or ",".join(parts)).split(","):
     parts[name]()
   saved.write_text(json.dumps(results, indent=1))
   figures(results)
@@ -118,6 +129,18 @@ def gradient_profile(x, y, width=128, depths=(8, 16, 32)) -> dict:
   return out
 
 
+def short_runs(config, data_dir: str, steps: int):
+  """``config`` for a grid point of ``steps`` steps: logged every 25, one
+  evaluation and one checkpoint at the end, no gradient-agreement probe."""
+  config.data.data_dir = data_dir
+  config.train.num_steps = steps
+  config.log_every_steps = 25
+  config.eval_every_steps = steps
+  config.checkpoint_every_steps = steps
+  config.log_gradient_agreement = False
+  return config
+
+
 def transfer_study(workdir, splits, data_dir, steps: int) -> dict:
   """(3): minimum training loss over an (η, β) grid, two widths and two depths."""
   learning_rates, inference_lrs = ["0.5", "0.1", "0.05", "0.01"], ["5", "1", "0.5", "0.1", "0.05"]
@@ -126,12 +149,7 @@ def transfer_study(workdir, splits, data_dir, steps: int) -> dict:
              "sp_widths": ("sp", {"widths": ["64", "256"], "depths": ["8"]})}
   out = {}
   for study, (variant, axes) in studies.items():
-    config = load_config("configs/mnist_depth.py", variant or None)
-    config.data.data_dir = data_dir
-    config.train.num_steps = steps
-    config.log_every_steps = 25
-    config.eval_every_steps = steps
-    config.checkpoint_every_steps = steps
+    config = short_runs(load_config("configs/mnist_depth.py", variant or None), data_dir, steps)
     points = sweep.grid(config, learning_rates, inference_lrs, **axes)
     for name, point in points:
       sweep.run_point(name, point, workdir / study, splits)

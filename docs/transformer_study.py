@@ -16,7 +16,6 @@ goes to docs/transformer_study.json):
   for the transfer of η across depth and which layers learn.
 """
 
-import argparse
 import json
 import pathlib
 import sys
@@ -85,13 +84,8 @@ def alpha(workdir, splits, data_dir, results, steps=300) -> dict:
   }
   for network, (path, arg, depths, (lrs, betas)) in studies.items():
     for exponent in (0.5, 1.0):
-      config = make_results.load_config(path, f"depth_exponent={exponent}{arg}")
-      config.data.data_dir = data_dir
-      config.train.num_steps = steps
-      config.log_every_steps = 25
-      config.eval_every_steps = steps
-      config.checkpoint_every_steps = steps
-      config.log_gradient_agreement = False
+      config = make_results.short_runs(
+          make_results.load_config(path, f"depth_exponent={exponent}{arg}"), data_dir, steps)
       folder = workdir / f"alpha_{network.replace(', ', '_').replace(' ', '_')}_{exponent:g}"
       points = sweep.grid(config, lrs, betas, depths=depths)
       for name, point in points:
@@ -123,17 +117,14 @@ def figures(results) -> None:
                          FIGURES / "transformer_layer_learning.png")
 
 
+def parts_of(workdir, data_dir, splits, results) -> dict:
+  return {"bp_lr": lambda: bp_lr(workdir, splits, data_dir, results),
+          "depth": lambda: depth(workdir, splits, data_dir, results),
+          "alpha": lambda: alpha(workdir, splits, data_dir, results)}
+
+
 def main():
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--workdir", required=True)
-  parser.add_argument("--parts", default="bp_lr,depth,alpha")
-  args = parser.parse_args()
-  workdir, data_dir, splits = make_results.prepared_mnist(args.workdir)
-  results = make_results.saved_results(SAVED)
-  parts = {"bp_lr": lambda: bp_lr(workdir, splits, data_dir, results),
-           "depth": lambda: depth(workdir, splits, data_dir, results),
-           "alpha": lambda: alpha(workdir, splits, data_dir, results)}
-  make_results.run_parts(parts, args.parts, SAVED, results, figures)
+  make_results.study_main(__doc__, SAVED, parts_of, figures)
 
 
 if __name__ == "__main__":
