@@ -12,6 +12,7 @@ newest of them is what a rerun resumes from. Use the checkpointer as a
 context manager: leaving it waits for the last save, and raises if it failed.
 """
 
+import errno
 import os
 import pathlib
 import time
@@ -68,6 +69,24 @@ def _shapes(tree) -> dict[str, tuple]:
   return shapes
 
 
+# The operating system's reasons a save fails for, as its messages word them.
+_SAVE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EIO)
+
+
+def _os_reason(cause: BaseException) -> str | None:
+  """The operating system's reason for ``cause`` (an OSError's, or one that
+  Tensorstore's long messages quote anywhere in the exception chain)."""
+  chain = []
+  while cause is not None and cause not in chain:
+    chain.append(cause)
+    cause = cause.__cause__ or cause.__context__
+  for e in chain:
+    if isinstance(e, OSError) and e.strerror:
+      return e.strerror
+  text = " ".join(str(e) for e in chain)
+  return next((os.strerror(code) for code in _SAVE_ERRNOS if os.strerror(code) in text), None)
+
+
 class Checkpointer:
   """Saves and restores training state in ``directory``, keeping the newest ``keep``."""
 
@@ -118,9 +137,8 @@ class Checkpointer:
     step, self._pending = self._pending, None
     # From disk: Orbax's own list already lacks the steps this save was to replace.
     kept = [s for s in self._manager.all_steps(read=True) if s != step]
-    if isinstance(cause, OSError) and cause.strerror:
-      reason = cause.strerror
-    else:  # Tensorstore's messages end with the operating system's reason
+    reason = _os_reason(cause)
+    if reason is None:
       reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
       reason = reason if len(reason) <= 160 else "…" + reason.rsplit(": ", 1)[-1][-160:]
     return SaveError(
