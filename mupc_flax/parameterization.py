@@ -98,7 +98,7 @@ PARAMETERIZATIONS: dict[str, Parameterization] = {
 def check_depth_exponent(depth_exponent: float) -> None:
   """Raises ValueError unless α is in [0, 1] (1/2: Depth-μP, 1: CompleteP)."""
   if not isinstance(depth_exponent, (int, float)) or not 0 <= depth_exponent <= 1:
-    raise ValueError(f"depth_exponent α must be in [0, 1] (the paper: 0.5; CompleteP: 1), got "
+    raise ValueError(f"depth_exponent must be in [0, 1] (the paper: 0.5; CompleteP: 1), got "
                      f"{depth_exponent!r}.")
 
 

@@ -26,7 +26,7 @@ from mupc_flax import checkpointing, data, diagnostics, metrics, pc, sharding, s
 from mupc_flax.conv import ConvResidualPCN
 from mupc_flax.errors import UserError, check_writable_dir
 from mupc_flax.model import ACTIVATIONS, PRECISIONS, HiddenProducts, InferenceKernel, ResidualPCN
-from mupc_flax.parameterization import PARAMETERIZATIONS
+from mupc_flax.parameterization import PARAMETERIZATIONS, check_depth_exponent
 from mupc_flax.transformer import TransformerPCN
 
 ModelKind = Literal["dense", "conv", "transformer"]
@@ -56,7 +56,7 @@ _POSITIVE = ("model.width", "model.hidden_layers", "model.stages", "model.kernel
              "train.learning_rate", "train.phases", "train.steps_per_layer", "log_every_steps",
              "eval_batch_size",
              "keep_checkpoints", "checkpoint_every_steps")
-_NON_NEGATIVE = ("model.residual_layers", "model.blocks", "model.depth_exponent", "train.num_steps", "train.inference_steps", "train.inference_lr",
+_NON_NEGATIVE = ("model.residual_layers", "model.blocks", "train.num_steps", "train.inference_steps", "train.inference_lr",
                  "train.inference_momentum", "train.inference_tolerance", "eval_every_steps",
                  "data.prefetch")
 
@@ -84,9 +84,10 @@ def validate_config(config, num_devices: int, num_processes: int) -> None:
   for field in ("train.inference_momentum", "train.inference_tolerance"):
     if not _get(config, field) < 1:
       raise TrainingError(f"config.{field} must be below 1, got {_get(config, field)!r}.")
-  if not config.model.depth_exponent <= 1:
-    raise TrainingError(f"config.model.depth_exponent must be in [0, 1] (the paper: 0.5; CompleteP: "
-                        f"1), got {config.model.depth_exponent!r}.")
+  try:
+    check_depth_exponent(config.model.depth_exponent)
+  except ValueError as e:
+    raise TrainingError(f"config.model.{e}") from None
   if config.model.kind == "transformer" and config.model.width % config.model.heads:
     raise TrainingError(f"config.model.width ({config.model.width}) must be a multiple of "
                         f"config.model.heads ({config.model.heads}): choose heads that divide it.")
