@@ -46,6 +46,7 @@ from flax import nnx
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import mupc_flax as mf  # noqa: E402
 import reference_pc  # noqa: E402
+from mupc_flax.networks.layers import PRECISIONS  # noqa: E402
 
 IN_FEATURES, CLASSES = 784, 10
 # configs/default.py's `deep` variant at batch 64.
@@ -67,7 +68,7 @@ class Variant:
 
 def matmul_peak(precision: str, n: int) -> float:
   """FLOP/s of one n×n×n matrix product at ``precision`` (median of 5)."""
-  dtype, lax_precision = mf.model.PRECISIONS[precision]
+  dtype, lax_precision = PRECISIONS[precision]
   a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
   b = jax.random.normal(jax.random.PRNGKey(1), (n, n), dtype)
   f = jax.jit(lambda a, b: jnp.matmul(a, b, precision=lax_precision, preferred_element_type=jnp.float32))
@@ -108,7 +109,7 @@ def inference_bytes(model, batch: int, blocks, fused: bool) -> float:
   """
   if isinstance(model, mf.ConvResidualPCN):
     return float("nan")
-  n, weight_bytes = model.width, jnp.dtype(mf.model.PRECISIONS[model.precision][0]).itemsize
+  n, weight_bytes = model.width, jnp.dtype(PRECISIONS[model.precision][0]).itemsize
   per_layer_step = 2 * n * n * weight_bytes + (9 if fused else 16) * batch * n * 4
   layer_steps = sum(steps * (model.hidden_layers - first) for first, steps in blocks)
   return layer_steps * per_layer_step
@@ -162,20 +163,18 @@ def build(config: str, **model_options):
   return mf.ResidualPCN(IN_FEATURES, width, hidden, CLASSES, rngs=nnx.Rngs(0), **model_options)
 
 
-def ours(name, config, batch, mesh, *, algorithm="pc", attributes=None, steps_per_layer=1,
+def ours(name, config, batch, mesh, *, algorithm="pc", engine=None, steps_per_layer=1,
          **options) -> Variant:
-  """mupc_flax's train step; ``options`` go to the model and to Inference
-  (T = ``steps_per_layer`` × H), ``attributes`` are set on the model (its
-  speed choices)."""
-  model_options = {k: options.pop(k) for k in ("hidden_products", "precision", "inference_kernel")
-                   if k in options}
+  """mupc_flax's train step; ``options`` go to the model (precision) and to
+  Inference (T = ``steps_per_layer`` × H), ``engine`` to its ``mf.Engine``
+  (the engine's speed choices)."""
+  model_options = {k: options.pop(k) for k in ("precision",) if k in options}
   split = options.pop("split", None)
   model = build(config, **model_options)
-  for key, value in (attributes or {}).items():
-    setattr(model, key, value)
   hidden = model.hidden_layers
   optimizer = nnx.Optimizer(model, optax.adam(0.1), wrt=nnx.Param)
-  inference = mf.Inference(steps_per_layer * hidden, options.pop("lr", 0.5), **options) \
+  inference = mf.Inference(steps_per_layer * hidden, options.pop("lr", 0.5),
+                           engine=mf.Engine(**(engine or {})), **options) \
       if algorithm == "pc" else None
   step = mf.make_train_step(model, optimizer, mesh, algorithm=algorithm, inference=inference,
                             split=split)
@@ -193,7 +192,7 @@ def ours(name, config, batch, mesh, *, algorithm="pc", attributes=None, steps_pe
     return model_state, opt_state
 
   blocks = inference.blocks(hidden) if inference else ()
-  moved = (inference_bytes(model, batch, blocks, model.inference_kernel == "pallas")
+  moved = (inference_bytes(model, batch, blocks, inference.engine.kernel == "pallas")
            if inference else float("nan"))
   return Variant(name, run, state, step_flops(*layer_flops(model, batch), blocks, algorithm),
                  moved, model.precision, compile_seconds, memory)
@@ -247,7 +246,7 @@ def main():
   device = jax.local_devices()[0]
   mesh = mf.make_mesh(jax.local_devices()[:1])
   peak_size = 4096 if device.platform == "gpu" else 2048
-  peaks = {name: matmul_peak(name, peak_size) for name in mf.model.PRECISIONS}
+  peaks = {name: matmul_peak(name, peak_size) for name in PRECISIONS}
   bandwidth = copy_bandwidth(1024 if device.platform == "gpu" else 256)
   header = (f"{datetime.date.today()} | {device.device_kind} ({device.platform}), "
             f"{os.cpu_count()} CPUs | jax {jax.__version__}, flax {flax.__version__}, "
@@ -275,10 +274,10 @@ def main():
     if args.levers and conv:
       variants += [
           ours("lever: inference loops not unrolled", config, b, mesh,
-               attributes={"unroll_inference": False}),
+               engine=dict(unroll=False)),
           ours("lever: stacked weight gradient", config, b, mesh,
-               attributes={"gradient_products": "batched"}),
-          ours("lever: batched products", config, b, mesh, hidden_products="batched"),
+               engine=dict(gradient_layout="stacked")),
+          ours("lever: stacked products", config, b, mesh, engine=dict(layout="stacked")),
       ]
     elif args.levers:
       hidden = build(config).hidden_layers
@@ -286,18 +285,18 @@ def main():
           ours("lever: plain schedule", config, b, mesh, schedule="plain"),
           ours("lever: wavefront, 4 phases", config, b, mesh, phases=4),
           ours(f"lever: wavefront, {hidden} phases", config, b, mesh, phases=hidden),
-          ours("lever: batched products", config, b, mesh, hidden_products="batched"),
-          ours("lever: per-layer products", config, b, mesh, hidden_products="per_layer"),
+          ours("lever: stacked products", config, b, mesh, engine=dict(layout="stacked")),
+          ours("lever: per-layer products", config, b, mesh, engine=dict(layout="per_layer")),
           ours("precision: tf32", config, b, mesh, precision="tf32"),
           ours("precision: bfloat16", config, b, mesh, precision="bfloat16"),
           ours("lever: inference loops unrolled", config, b, mesh,
-               attributes={"unroll_inference": True}),
+               engine=dict(unroll=True)),
           ours("lever: one compiled function", config, b, mesh, split=False),
           ours("lever: two compiled functions", config, b, mesh, split=True),
       ]
       if device.platform == "gpu":  # elsewhere Pallas only interprets (see the docstring)
-        variants += [ours(f"fused Pallas step, {p}", config, b, mesh, inference_kernel="pallas",
-                          precision=p) for p in mf.model.PRECISIONS]
+        variants += [ours(f"fused Pallas step, {p}", config, b, mesh, engine=dict(kernel="pallas"),
+                          precision=p) for p in PRECISIONS]
     measure(variants, args.repeats)
     best_reference = min((statistics.median(v.times) for v in variants if v.name.startswith("reference")),
                          default=float("nan"))

@@ -10,12 +10,10 @@ each, 27 hidden layers, T = 27; η and β as the paper's CIFAR-10 runs (0.1,
 """
 
 from configs import cifar10_128, default
+from mupc_flax.networks import kinds
 
 
 def get_config(arg: str | None = None):
   config = cifar10_128.cifar10_recipe()
-  config.model.kind = "conv"
-  config.model.width = 32
-  config.model.stages = 3
-  config.model.residual_layers = 8
+  config.model = kinds.model_config("conv", width=32, stages=3, residual_layers=8)
   return default.apply_arg(config, arg, bp_learning_rate=cifar10_128.BP_LEARNING_RATE)

@@ -13,11 +13,13 @@ The text after ':' is a comma-separated list of variants and overrides:
                     heavy-ball momentum 0.9, T = 2H steps, β = B/4 (a per-sample step of
                     1/4), and BP's weight learning rate (unless the config measured
                     another) with a cosine decay
-  name=value        a field of config.model, config.train or config.data by its name,
-                    e.g. hidden_layers=32,width=256
+  name=value        a field of config.model, config.engine, config.train or config.data by
+                    its name, e.g. hidden_layers=32,width=256
 """
 
 import ml_collections
+
+from mupc_flax.networks import kinds
 
 # The paper's BP learning rate for this experiment (MUPC.md: 1e-2, 1e-3 for linear nets).
 BP_LEARNING_RATE = 1e-2
@@ -43,24 +45,19 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.augment = False  # CIFAR-10 crop/flip/rotation for training
   config.data.prefetch = 2  # batches prepared ahead in a background thread
 
-  config.model = ml_collections.ConfigDict()
-  config.model.kind = "dense"  # dense | conv (configs/mnist_conv.py) | transformer (configs/mnist_transformer.py)
-  config.model.width = 512  # N; conv: channels of the first stage, doubled at each next stage; transformer: d
-  config.model.hidden_layers = 8  # H; the network has L = H + 1 weight matrices (dense only)
-  config.model.stages = 2  # conv: resolutions, with a stride-2 convolution between two
-  config.model.residual_layers = 4  # conv: residual 3×3 convolutions in each stage
-  config.model.kernel_size = 3  # conv
-  config.model.stem_stride = 1  # conv: 2 halves the resolution of every stage
-  config.model.blocks = 4  # transformer: (attention, MLP) pairs, each sublayer a PC layer
-  config.model.patch_size = 7  # transformer: p × p patches are the tokens
-  config.model.heads = 4  # transformer: attention heads
-  config.model.mlp_ratio = 4  # transformer: the MLP's hidden size over d
-  config.model.activation = "relu"  # linear | relu | tanh | gelu
-  config.model.parameterization = "mupc"  # mupc | sp
-  config.model.depth_exponent = 0.5  # μPC: residual branches scale as L^(−α); 0.5 the paper, 1 CompleteP
-  config.model.hidden_products = "auto"  # auto | batched | per_layer (same result; speed differs)
-  config.model.precision = "float32"  # float32 | tf32 | bfloat16 (of the products; tf32 and bf16 for GPUs)
-  config.model.inference_kernel = "xla"  # xla | pallas (dense: the fused Pallas step; opt-in)
+  # The network: ``kind`` names a built-in (dense | conv | transformer) or a
+  # factory of your own ("module:function"); the other fields are the kind's
+  # own (``mupc_flax.networks.kinds``), here the dense network's: N = width,
+  # H = hidden_layers (L = H + 1 weight matrices), and activation (linear |
+  # relu | tanh | gelu), parameterization (mupc | sp), depth_exponent (μPC's
+  # residual branches scale as L^(−α); 0.5 the paper, 1 CompleteP) and
+  # precision (float32 | tf32 | bfloat16, of the products).
+  config.model = kinds.model_config("dense", width=512, hidden_layers=8)
+
+  # How the engine computes: the same result at any setting, speed differs.
+  config.engine = ml_collections.ConfigDict()
+  config.engine.layout = "auto"  # auto | stacked | per_layer: how inference holds the layers
+  config.engine.kernel = "xla"  # xla | pallas (the fused Pallas step; opt-in)
 
   config.train = ml_collections.ConfigDict()
   config.train.algorithm = "pc"  # pc | bp
@@ -106,10 +103,15 @@ def _parse_value(item: str, current, value: str):
 def _override(config: ml_collections.ConfigDict, item: str) -> None:
   """Applies one ``name=value`` item to the field of that name."""
   name, value = item.split("=", 1)
-  sections = [s for s in (config.model, config.train, config.data) if name in s]
+  if name == "kind":  # another network: its own fields, at their defaults
+    if config.model.kind != value:
+      config.model = kinds.model_config(value)
+    return
+  sections = [s for s in (config.model, config.engine, config.train, config.data) if name in s]
   if len(sections) != 1:
-    raise ValueError(f"Config argument {item!r}: {name!r} is not a field of "
-                     "config.model, config.train or config.data.")
+    raise ValueError(f"Config argument {item!r}: {name!r} is not a field of config.model "
+                     f"(the {config.model.kind} network), config.engine, config.train or "
+                     "config.data.")
   sections[0][name] = _parse_value(item, sections[0][name], value)
 
 
@@ -125,18 +127,15 @@ def apply_arg(config: ml_collections.ConfigDict, arg: str | None,
   (``batch_size=128,deep`` sets β for a batch of 128).
   """
   items = list(filter(None, (arg or "").split(",")))
-  overrides = [item for item in items if "=" in item]
+  # A new kind first: it resets config.model to that kind's fields.
+  overrides = sorted((item for item in items if "=" in item), key=lambda i: not i.startswith("kind="))
   for item in overrides:
     _override(config, item)
   for item in items:
     if "=" in item:
       continue
     if item == "smoke":
-      config.model.width = {"conv": 8, "transformer": 16}.get(config.model.kind, 64)
-      config.model.hidden_layers = 4
-      config.model.residual_layers = 1
-      config.model.blocks = 1
-      config.model.heads = 2
+      config.model.update(kinds.get(config.model.kind).smoke)
       config.train.num_steps = 60
       config.log_every_steps = 10
       config.eval_every_steps = 30

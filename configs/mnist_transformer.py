@@ -16,6 +16,7 @@ readout. The paper's MNIST recipe (β = 0.5, batch 64, T = H, MSE) with
 """
 
 from configs import default
+from mupc_flax.networks import kinds
 
 BP_LEARNING_RATE = 1e-2  # the best of 3e-4 … 0.1 over one epoch (docs/results.md, section 10)
 LEARNING_RATE = 0.03  # μPC's best of 0.3 … 0.01 at 2 and 4 blocks, 300 steps (section 10)
@@ -23,13 +24,8 @@ LEARNING_RATE = 0.03  # μPC's best of 0.3 … 0.01 at 2 and 4 blocks, 300 steps
 
 def transformer(config, width: int, blocks: int, patch_size: int):
   """``config`` with a transformer of 4 heads, a GELU MLP 4× wide, and these sizes."""
-  config.model.kind = "transformer"
-  config.model.width = width
-  config.model.blocks = blocks
-  config.model.patch_size = patch_size
-  config.model.heads = 4
-  config.model.mlp_ratio = 4
-  config.model.activation = "gelu"
+  config.model = kinds.model_config("transformer", width=width, blocks=blocks,
+                                    patch_size=patch_size, heads=4, mlp_ratio=4, activation="gelu")
   return config
 
 

@@ -23,6 +23,7 @@ cached in docs/deep_inference.json, which holds every number):
   docs/results.json.
 """
 
+import dataclasses
 import json
 import pathlib
 import sys
@@ -79,16 +80,17 @@ def profiles(splits, results) -> dict:
             + [(f"conv {3 * r} residual", conv_config(r)) for r in CONV])
   for name, config in shapes:
     model = build_model(config, splits[0].spec)
-    if config.model.kind == "conv":
-      model.unroll_inference = False  # same numbers; unrolling 3H-step loops compiles for minutes
+    # Same numbers; unrolling 3H-step loops of convolutions compiles for minutes.
+    engine = mf.Engine(unroll=False)
     hidden = model.hidden_layers
     deep = inference_of(make_results.load_config("configs/mnist_depth.py", "deep"), model)
+    deep = dataclasses.replace(deep, engine=engine)
     inferences = {
-        "paper": mf.Inference(hidden, 0.5),
-        "gd, deep's β and T": mf.Inference(deep.steps, deep.lr),
+        "paper": mf.Inference(hidden, 0.5, engine=engine),
+        "gd, deep's β and T": mf.Inference(deep.steps, deep.lr, engine=engine),
         "deep": deep,
         "equilibrium": mf.Inference(50 * hidden, deep.lr, "plain", optimizer="momentum",
-                                    momentum=deep.momentum, tolerance=1e-6),
+                                    momentum=deep.momentum, tolerance=1e-6, engine=engine),
     }
     for method, inference in inferences.items():
       key = f"{name} | {method}"

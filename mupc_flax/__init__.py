@@ -11,20 +11,23 @@ A notebook session needs only these names::
     step = mupc_flax.make_train_step(model, optimizer, inference=mupc_flax.Inference(8, 0.5))
 """
 
-from mupc_flax.conv import Conv, ConvResidualPCN
-from mupc_flax.model import ACTIVATIONS, Dense, Premultiplier, ResidualPCN
+from mupc_flax.networks.conv import Conv, ConvResidualPCN
+from mupc_flax.networks.dense import ResidualPCN
+from mupc_flax.networks.kinds import NetworkKind
+from mupc_flax.networks.layers import ACTIVATIONS, Dense, Premultiplier
+from mupc_flax.networks.protocol import PCNetwork
+from mupc_flax.networks.transformer import TransformerPCN
 from mupc_flax.parameterization import PARAMETERIZATIONS, Parameterization
-from mupc_flax.pc import (Inference, bp_gradients, energy, infer, layer_energies, output_losses,
-                          pc_gradients, wavefront_phases)
+from mupc_flax.pc import (Engine, Inference, bp_gradients, energy, feedforward, infer,
+                          layer_energies, output_losses, pc_gradients, predict, wavefront_phases)
 from mupc_flax.sharding import global_batch, make_mesh
 from mupc_flax.steps import make_eval_step, make_train_step
-from mupc_flax.transformer import TransformerPCN
 
 __all__ = [
-    "ACTIVATIONS", "Conv", "ConvResidualPCN", "Dense", "Premultiplier", "ResidualPCN",
-    "PARAMETERIZATIONS", "Parameterization",
-    "Inference", "bp_gradients", "energy", "infer", "layer_energies", "output_losses",
-    "pc_gradients", "wavefront_phases",
+    "ACTIVATIONS", "Conv", "ConvResidualPCN", "Dense", "NetworkKind", "PCNetwork",
+    "Premultiplier", "ResidualPCN", "PARAMETERIZATIONS", "Parameterization",
+    "Engine", "Inference", "bp_gradients", "energy", "feedforward", "infer", "layer_energies",
+    "output_losses", "pc_gradients", "predict", "wavefront_phases",
     "global_batch", "make_mesh",
     "make_eval_step", "make_train_step",
     "TransformerPCN",

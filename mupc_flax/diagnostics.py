@@ -14,7 +14,8 @@ from flax import nnx
 from jax.flatten_util import ravel_pytree
 
 from mupc_flax import pc
-from mupc_flax.model import ResidualPCN
+from mupc_flax.pc import forward
+from mupc_flax.networks.dense import ResidualPCN
 
 DENSE_LIMIT = 8192  # activities of one sample up to which the Hessian is formed explicitly
 
@@ -24,7 +25,7 @@ def _activity_hvp(model: pc.Network, x: jax.Array, y: jax.Array, z, loss: pc.Los
   activities, flattened, and the flat z it is taken at (default: the
   feed-forward pass)."""
   if z is None:
-    z = model.feedforward(x[None])
+    z = pc.feedforward(model, x[None])
   flat, unflatten = ravel_pytree(z)
   energy = lambda activities: pc.energy(model, unflatten(activities), x[None], y[None], loss=loss)
   return (lambda v: jax.jvp(jax.grad(energy), (flat,), (v,))[1]), flat
@@ -37,7 +38,7 @@ def activity_hessian(model: pc.Network, x: jax.Array, y: jax.Array, *, z=None,
 
   Args:
     x: [D] one input; y: [C] its target.
-    z: the activities to evaluate at, as ``model.feedforward(x[None])`` gives
+    z: the activities to evaluate at, as ``pc.feedforward(model, x[None])`` gives
       them ([H, 1, N] for the dense network); default the feed-forward pass
       (F is quadratic in z for linear networks, so then anywhere is the same).
   Formed column by column from Hessian-vector products (one vmap), which is
@@ -79,7 +80,7 @@ def hessian_spectrum(model: pc.Network, x: jax.Array, y: jax.Array, *, z=None,
   Returns {"min", "max", "condition", "method"}; condition = max / min, inf
   if min ≤ 0 (a Hessian that is not positive definite).
   """
-  size = sum(math.prod(a.shape) for a in jax.tree.leaves(jax.eval_shape(model.feedforward, x[None])))
+  size = sum(math.prod(a.shape) for a in jax.tree.leaves(jax.eval_shape(lambda x: pc.feedforward(model, x), x[None])))
   if method == "auto":
     method = "dense" if size <= DENSE_LIMIT else "lanczos"
   if method == "dense":
@@ -115,7 +116,7 @@ def cosine(a, b) -> float:
 def layer_kernels(model: pc.Network, params) -> list[np.ndarray]:
   """The L weight arrays of ``model``'s params (or of a gradient or update
   shaped like them), bottom to top."""
-  return [np.asarray(w) for stack in model.weight_stacks(params) for w in stack]
+  return [np.asarray(w) for stack in forward.weight_stacks(model, params) for w in stack]
 
 
 def reach(layer_cosines, threshold: float = 0.9) -> int:
@@ -162,7 +163,7 @@ def layer_norms(model: pc.Network, params) -> jax.Array:
   """Frobenius norm of each of the L weight arrays (e.g. of a gradient or an
   update), bottom to top [L]. Traceable: the train step logs it per update."""
   return jnp.concatenate([jnp.sqrt(jnp.sum(jnp.square(stack), axis=tuple(range(1, stack.ndim))))
-                          for stack in model.weight_stacks(params)])
+                          for stack in forward.weight_stacks(model, params)])
 
 
 def activity_rms(model: pc.Network, x: jax.Array) -> np.ndarray:
@@ -172,9 +173,9 @@ def activity_rms(model: pc.Network, x: jax.Array) -> np.ndarray:
 
 @nnx.jit  # one compilation: eagerly, each convolution of a new shape compiles on its own
 def _activity_rms(model: pc.Network, x: jax.Array) -> jax.Array:
-  stages = model.to_stages(model.feedforward(x))
+  stages = forward.as_stages(model, pc.feedforward(model, x))
   rms = [jnp.sqrt(jnp.mean(jnp.square(z), axis=tuple(range(1, z.ndim)))) for z in stages]
-  outputs = model.output(stages[-1][-1])
+  outputs = model.readout(model.phi(stages[-1][-1]))
   return jnp.append(jnp.concatenate(rms), jnp.sqrt(jnp.mean(jnp.square(outputs))))
 
 
@@ -196,7 +197,7 @@ def coordinate_check(widths, hidden_layers: int, x: jax.Array, y: jax.Array, *,
   for width in widths:
     model = make_model(width, parameterization=parameterization, activation=activation,
                        rngs=nnx.Rngs(seed))
-    inference = pc.Inference(model.hidden_layers, inference_lr)
+    inference = pc.Inference(pc.hidden_layers(model), inference_lr)
 
     @nnx.jit
     def train_step(model, optimizer):

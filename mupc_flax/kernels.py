@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from mupc_flax.model import PRECISIONS
+from mupc_flax.networks.layers import PRECISIONS
 
 
 def tile(size: int, preferred: int = 64) -> int:
@@ -42,11 +42,32 @@ def tile(size: int, preferred: int = 64) -> int:
   return t
 
 
-def applies(model, stage: int, index: int) -> bool:
-  """Whether the fused step covers the block from (``stage``, ``index``): the
-  dense network's stack of at least two layers, in the batched layout."""
-  return (model.stage_layers == (model.hidden_layers,) and model.hidden_products == "batched"
-          and model.hidden_layers - index >= 2)
+# What a residual branch a·φ(z)W may be traced to for the fused step to
+# compute it: one matrix product, scaled (and cast for bfloat16 products).
+_BRANCH_PRIMITIVES = {"dot_general", "mul", "broadcast_in_dim", "reshape", "convert_element_type",
+                      "squeeze", "expand_dims"}
+
+
+def fits(network, x) -> bool:
+  """Whether the fused step computes ``network``'s inference on inputs
+  shaped like ``x``: one stage declared linear, with residual weights
+  (kernels [R, N, N], multipliers [R]), activities [B, N], and each branch
+  one premultiplied matrix product (checked on its traced primitives)."""
+  if (len(network.stage_layers) != 1 or not getattr(network, "linear_branches", False)
+      or not hasattr(network, "precision") or network.precision not in PRECISIONS):
+    return False
+  weights = network.residual_weights(0)
+  if len(weights) != 2 or getattr(weights[0], "ndim", 0) != 3 or getattr(weights[1], "ndim", 0) != 1:
+    return False
+  width = weights[0].shape[-1]
+  z = jax.eval_shape(lambda x: network.entry(0, x), x)
+  if z.shape[1:] != (width,) or weights[0].shape[1] != width:
+    return False
+  one_layer = tuple(w[:1] for w in weights)
+  jaxpr = jax.make_jaxpr(lambda h: network.residual_branch(0, one_layer, h))(
+      jax.ShapeDtypeStruct((1,) + z.shape, z.dtype)).jaxpr
+  names = [eqn.primitive.name for eqn in jaxpr.eqns]
+  return names.count("dot_general") == 1 and set(names) <= _BRANCH_PRIMITIVES
 
 
 def _slope(phi, z):

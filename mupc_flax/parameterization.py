@@ -69,6 +69,22 @@ class Parameterization:
   attention_scale: Callable[[int], float]  # head dimension -> logit scale
   init: Initializer
 
+  def multiplier(self, role: str, fan_in: int, num_layers: int,
+                 depth_exponent: float = 0.5) -> float:
+    """The premultiplier of a weight by its ``role``: "entry", "residual"
+    (the last matrix of a residual branch, scaled with depth), "readout" or
+    "inner" (a matrix inside a branch); ``num_layers`` is L, every PC layer
+    the readout included."""
+    if role == "entry":
+      return self.entry_multiplier(fan_in, num_layers)
+    if role == "residual":
+      return self.residual_multiplier(fan_in, num_layers, depth_exponent)
+    if role == "readout":
+      return self.readout_multiplier(fan_in, num_layers)
+    if role == "inner":
+      return self.inner_multiplier(fan_in)
+    raise ValueError(f"Unknown weight role {role!r}; choose entry, residual, readout or inner.")
+
 
 PARAMETERIZATIONS: dict[str, Parameterization] = {
     # Standard PC: plain residual network, PyTorch-default init, 1/√d_head logits.

@@ -61,94 +61,107 @@ def make_train_step(model: pc.Network, optimizer: nnx.Optimizer,
   model_def = nnx.graphdef(model)
   opt_def = nnx.graphdef(optimizer)
   data = P(sharding.DATA_AXIS)
-  # Per stage: a tuple of per-layer arrays, or one array with the layer axis first.
-  hidden = tuple((data,) * layers if model.hidden_products == "per_layer"
-                 else P(None, sharding.DATA_AXIS) for layers in model.stage_layers)
-  result_specs = pc.InferenceResult(hidden, hidden, data)
   # Pallas (jax 0.10, interpret mode) cannot type a kernel's values as
   # device-varying, so shard_map's check of those types is off around the
   # Pallas inference kernel. Nothing depends on it: the weight gradients are
   # made local and summed by one explicit psum either way.
-  check_vma = model.inference_kernel != "pallas"
+  check_vma = inference is None or inference.engine.kernel != "pallas"
 
-  def global_batch(x):
+  def global_batch_size(x):
     return x.shape[0] * jax.lax.axis_size(sharding.DATA_AXIS)
 
-  def local_inference(model_state, x, y):
-    model = nnx.merge(model_def, model_state)
-    result, metrics = pc.pc_inference(model, x, y, inference, loss=loss, batch_size=global_batch(x),
-                                      axis_name=sharding.DATA_AXIS)
-    # Metrics are local sums over the global-batch normaliser: add them up
-    # (the steps inference took are the same on every device).
-    steps_taken = metrics.pop("inference_steps")
-    return result, jax.lax.psum(metrics, sharding.DATA_AXIS) | {"inference_steps": steps_taken}
+  def build(per_layer: bool):
+    """The compiled step and its ``lower``, for inference in this layout."""
+    # Per stage: a tuple of per-layer arrays, or one array with the layer axis first.
+    hidden = tuple((data,) * layers if per_layer else P(None, sharding.DATA_AXIS)
+                   for layers in model.stage_layers)
+    result_specs = pc.InferenceResult(hidden, hidden, data)
 
-  def local_weight_gradients(model_state, x, result):
-    # Marking the weights device-varying makes every gradient a local one
-    # (jax.grad then inserts no implicit sum), so one explicit psum serves
-    # the closed-form PC gradients and the backprop ones alike.
-    model = nnx.merge(model_def, jax.lax.pcast(model_state, sharding.DATA_AXIS, to="varying"))
-    grads = pc.pc_weight_gradients(model, x, result, global_batch(x))
-    return jax.lax.psum(grads, sharding.DATA_AXIS)
+    def local_inference(model_state, x, y):
+      model = nnx.merge(model_def, model_state)
+      result, metrics = pc.pc_inference(model, x, y, inference, loss=loss,
+                                        batch_size=global_batch_size(x), axis_name=sharding.DATA_AXIS)
+      # Metrics are local sums over the global-batch normaliser: add them up
+      # (the steps inference took are the same on every device).
+      steps_taken = metrics.pop("inference_steps")
+      return result, jax.lax.psum(metrics, sharding.DATA_AXIS) | {"inference_steps": steps_taken}
 
-  def local_gradients(model_state, x, y):
-    if algorithm == "pc":
-      result, metrics = local_inference(model_state, x, y)
-      return local_weight_gradients(model_state, x, result), metrics
-    model = nnx.merge(model_def, jax.lax.pcast(model_state, sharding.DATA_AXIS, to="varying"))
-    grads, metrics = pc.bp_gradients(model, x, y, loss=loss, batch_size=global_batch(x))
-    return jax.lax.psum((grads, metrics), sharding.DATA_AXIS)
+    def local_weight_gradients(model_state, x, result):
+      # Marking the weights device-varying makes every gradient a local one
+      # (jax.grad then inserts no implicit sum), so one explicit psum serves
+      # the closed-form PC gradients and the backprop ones alike.
+      model = nnx.merge(model_def, jax.lax.pcast(model_state, sharding.DATA_AXIS, to="varying"))
+      grads = pc.pc_weight_gradients(model, x, result, global_batch_size(x), inference.engine)
+      return jax.lax.psum(grads, sharding.DATA_AXIS)
 
-  def apply(model_state, opt_state, grads):
-    """The optimizer update; also returns the norm of each layer's weight change [L]."""
-    model = nnx.merge(model_def, model_state)
-    optimizer = nnx.merge(opt_def, opt_state)
-    updates = optimizer.update(model, grads)  # what was added to the weights
-    return nnx.state(model), nnx.state(optimizer), diagnostics.layer_norms(model, updates)
+    def local_gradients(model_state, x, y):
+      if algorithm == "pc":
+        result, metrics = local_inference(model_state, x, y)
+        return local_weight_gradients(model_state, x, result), metrics
+      model = nnx.merge(model_def, jax.lax.pcast(model_state, sharding.DATA_AXIS, to="varying"))
+      grads, metrics = pc.bp_gradients(model, x, y, loss=loss, batch_size=global_batch_size(x))
+      return jax.lax.psum((grads, metrics), sharding.DATA_AXIS)
 
-  replicated, batch = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-  if split and algorithm == "pc":
-    inference_part = jax.jit(
-        jax.shard_map(local_inference, mesh=mesh, in_specs=(P(), data, data),
-                      out_specs=(result_specs, P()), check_vma=check_vma),
-        in_shardings=(replicated, batch, batch))
-    gradients = jax.shard_map(local_weight_gradients, mesh=mesh,
-                              in_specs=(P(), data, result_specs), out_specs=P())
-    update_part = jax.jit(lambda m, o, x, r: apply(m, o, gradients(m, x, r)),
-                          donate_argnums=(0, 1), out_shardings=(replicated, replicated, replicated))
+    def apply(model_state, opt_state, grads):
+      """The optimizer update; also returns the norm of each layer's weight change [L]."""
+      model = nnx.merge(model_def, model_state)
+      optimizer = nnx.merge(opt_def, opt_state)
+      updates = optimizer.update(model, grads)  # what was added to the weights
+      return nnx.state(model), nnx.state(optimizer), diagnostics.layer_norms(model, updates)
 
-    def step(model_state, opt_state, x, y):
-      result, metrics = inference_part(model_state, x, y)
-      model_state, opt_state, update_norms = update_part(model_state, opt_state, x, result)
-      return model_state, opt_state, metrics | {"update_norms": update_norms}
+    replicated, batch = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+    if split and algorithm == "pc":
+      inference_part = jax.jit(
+          jax.shard_map(local_inference, mesh=mesh, in_specs=(P(), data, data),
+                        out_specs=(result_specs, P()), check_vma=check_vma),
+          in_shardings=(replicated, batch, batch))
+      gradients = jax.shard_map(local_weight_gradients, mesh=mesh,
+                                in_specs=(P(), data, result_specs), out_specs=P())
+      update_part = jax.jit(lambda m, o, x, r: apply(m, o, gradients(m, x, r)),
+                            donate_argnums=(0, 1), out_shardings=(replicated, replicated, replicated))
 
-    def lower(model_state, opt_state, x, y):
-      result = jax.eval_shape(inference_part, model_state, x, y)[0]
-      return [inference_part.lower(model_state, x, y),
-              update_part.lower(model_state, opt_state, x, result)]
-  else:
-    gradients = jax.shard_map(local_gradients, mesh=mesh, in_specs=(P(), data, data),
-                              out_specs=(P(), P()), check_vma=check_vma)
+      def step(model_state, opt_state, x, y):
+        result, metrics = inference_part(model_state, x, y)
+        model_state, opt_state, update_norms = update_part(model_state, opt_state, x, result)
+        return model_state, opt_state, metrics | {"update_norms": update_norms}
 
-    def whole(model_state, opt_state, x, y):
-      grads, metrics = gradients(model_state, x, y)
-      model_state, opt_state, update_norms = apply(model_state, opt_state, grads)
-      return model_state, opt_state, metrics | {"update_norms": update_norms}
+      def lower(model_state, opt_state, x, y):
+        result = jax.eval_shape(inference_part, model_state, x, y)[0]
+        return [inference_part.lower(model_state, x, y),
+                update_part.lower(model_state, opt_state, x, result)]
+    else:
+      gradients = jax.shard_map(local_gradients, mesh=mesh, in_specs=(P(), data, data),
+                                out_specs=(P(), P()), check_vma=check_vma)
 
-    step = jax.jit(whole, donate_argnums=(0, 1), in_shardings=(replicated, replicated, batch, batch),
-                   out_shardings=(replicated, replicated, replicated))
+      def whole(model_state, opt_state, x, y):
+        grads, metrics = gradients(model_state, x, y)
+        model_state, opt_state, update_norms = apply(model_state, opt_state, grads)
+        return model_state, opt_state, metrics | {"update_norms": update_norms}
 
-    def lower(*args):
-      return [step.lower(*args)]
+      step = jax.jit(whole, donate_argnums=(0, 1), in_shardings=(replicated, replicated, batch, batch),
+                     out_shardings=(replicated, replicated, replicated))
+
+      def lower(*args):
+        return [step.lower(*args)]
+    return step, lower
+
+  built = {}  # the inference layout depends on the input's shape: one build per shape
+
+  def compiled(x):
+    key = (x.shape, x.dtype)
+    if key not in built:
+      per_layer = algorithm == "pc" and pc.plan(inference.engine, model, x).per_layer
+      built[key] = build(per_layer)
+    return built[key]
 
   wait = _must_wait(mesh)
 
   def train_step(model_state, opt_state, x, y):
     sharding.check_batch_size(x.shape[0], mesh)
-    out = step(model_state, opt_state, x, y)
+    out = compiled(x)[0](model_state, opt_state, x, y)
     return jax.block_until_ready(out) if wait else out
 
-  train_step.lower = lower
+  train_step.lower = lambda model_state, opt_state, x, y: compiled(x)[1](model_state, opt_state, x, y)
   return train_step
 
 
@@ -176,7 +189,7 @@ def make_eval_step(model: pc.Network, mesh: jax.sharding.Mesh | None = None, *,
   model_def = nnx.graphdef(model)
 
   def local_sums(model_state, x, y, mask):
-    outputs = nnx.merge(model_def, model_state)(x)
+    outputs = pc.predict(nnx.merge(model_def, model_state), x)
     correct = jnp.argmax(outputs, -1) == jnp.argmax(y, -1)
     sums = {"loss": jnp.sum(mask * pc.output_losses(outputs, y, loss)),
             "correct": jnp.sum(mask * correct), "count": jnp.sum(mask)}

@@ -26,7 +26,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mupc_flax import cli, metrics, train
+from mupc_flax import cli, data, metrics, train
+from mupc_flax.networks import kinds
 from mupc_flax.errors import UserError, check_writable_dir
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Base config file (with its argument).",
@@ -48,17 +49,23 @@ COLUMNS = ["name", "width", "hidden_layers", "learning_rate", "inference_lr", "s
 def grid(config, learning_rates, inference_lrs, widths=(), depths=()) -> list[tuple[str, object]]:
   """(name, config) for every point of widths × depths × η × β."""
   points = []
-  # The depth of a convolutional network is its residual layers per stage; of a transformer, its blocks.
-  depth_field = {"conv": "residual_layers", "transformer": "blocks"}.get(config.model.kind,
-                                                                         "hidden_layers")
-  for width, depth, lr, beta in itertools.product(widths or [config.model.width],
-                                                  depths or [config.model[depth_field]],
+  depth_field = kinds.get(config.model.kind).depth_field
+  if depths and depth_field is None:
+    raise UserError(f"The {config.model.kind} network names no depth field: give it a NetworkKind "
+                    "with depth_field to sweep --depths.")
+  if widths and "width" not in config.model:
+    raise UserError(f"The {config.model.kind} network has no width field to sweep --widths over.")
+  for width, depth, lr, beta in itertools.product(widths or [config.model.get("width")],
+                                                  depths or [config.model.get(depth_field) if depth_field else None],
                                                   learning_rates, inference_lrs):
     point = config.copy_and_resolve_references()
-    point.model.width = int(width)
-    point.model[depth_field] = int(depth)
+    if widths:
+      point.model.width = int(width)
+    if depths:
+      point.model[depth_field] = int(depth)
     point.train.learning_rate, point.train.inference_lr = float(lr), float(beta)
-    points.append((f"w{int(width)}_h{int(depth)}_lr{float(lr):g}_beta{float(beta):g}", point))
+    shape = [f"{prefix}{int(v)}" for prefix, v in (("w", width), ("h", depth)) if v is not None]
+    points.append(("_".join(shape + [f"lr{float(lr):g}", f"beta{float(beta):g}"]), point))
   return points
 
 
@@ -68,10 +75,11 @@ def run_point(name: str, config, workdir: pathlib.Path, splits=None) -> dict:
   done = run_dir / "result.json"
   if done.exists():
     return json.loads(done.read_text())
-  hidden_layers = {"conv": config.model.stages * (1 + config.model.residual_layers),
-                   "transformer": 1 + 2 * config.model.blocks}.get(config.model.kind,
-                                                                   config.model.hidden_layers)
-  row = {"name": name, "width": config.model.width, "hidden_layers": hidden_layers,
+  try:
+    hidden_layers = kinds.hidden_layers(config.model, data.SPECS[config.data.name])
+  except (ValueError, TypeError):
+    hidden_layers = None  # a shape the network refuses: the run reports it
+  row = {"name": name, "width": config.model.get("width"), "hidden_layers": hidden_layers,
          "learning_rate": config.train.learning_rate, "inference_lr": config.train.inference_lr}
   start = time.perf_counter()
   try:

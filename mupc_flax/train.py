@@ -14,22 +14,18 @@ import pathlib
 import signal
 import threading
 import time
-from typing import Literal, get_args
+from typing import get_args
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
 from flax import nnx
 
 from mupc_flax import checkpointing, data, diagnostics, metrics, pc, sharding, steps
-from mupc_flax.conv import ConvResidualPCN
 from mupc_flax.errors import UserError, check_writable_dir
-from mupc_flax.model import ACTIVATIONS, PRECISIONS, HiddenProducts, InferenceKernel, ResidualPCN
-from mupc_flax.parameterization import PARAMETERIZATIONS, check_depth_exponent
-from mupc_flax.transformer import TransformerPCN
-
-ModelKind = Literal["dense", "conv", "transformer"]
+from mupc_flax.networks import kinds
 
 
 class TrainingError(UserError):
@@ -38,25 +34,19 @@ class TrainingError(UserError):
 
 _CHOICES = {
     "data.name": data.DATASETS,
-    "model.kind": get_args(ModelKind),
-    "model.activation": tuple(ACTIVATIONS),
-    "model.parameterization": tuple(PARAMETERIZATIONS),
-    "model.hidden_products": get_args(HiddenProducts),
-    "model.precision": tuple(PRECISIONS),
-    "model.inference_kernel": get_args(InferenceKernel),
+    "engine.layout": get_args(pc.options.Layout),
+    "engine.kernel": get_args(pc.options.Kernel),
     "train.algorithm": get_args(steps.Algorithm),
     "train.loss": get_args(pc.Loss),
     "train.schedule": get_args(pc.Schedule),
     "train.inference_optimizer": get_args(pc.Optimizer),
     "train.lr_schedule": ("constant", "cosine"),
 }
-_POSITIVE = ("model.width", "model.hidden_layers", "model.stages", "model.kernel_size",
-             "model.stem_stride", "model.patch_size", "model.heads", "model.mlp_ratio",
-             "train.batch_size", "train.num_epochs",
+_POSITIVE = ("train.batch_size", "train.num_epochs",
              "train.learning_rate", "train.phases", "train.steps_per_layer", "log_every_steps",
              "eval_batch_size",
              "keep_checkpoints", "checkpoint_every_steps")
-_NON_NEGATIVE = ("model.residual_layers", "model.blocks", "train.num_steps", "train.inference_steps", "train.inference_lr",
+_NON_NEGATIVE = ("train.num_steps", "train.inference_steps", "train.inference_lr",
                  "train.inference_momentum", "train.inference_tolerance", "eval_every_steps",
                  "data.prefetch")
 
@@ -85,29 +75,22 @@ def validate_config(config, num_devices: int, num_processes: int) -> None:
     if not _get(config, field) < 1:
       raise TrainingError(f"config.{field} must be below 1, got {_get(config, field)!r}.")
   try:
-    check_depth_exponent(config.model.depth_exponent)
+    kinds.check_fields(config.model)
   except ValueError as e:
-    raise TrainingError(f"config.model.{e}") from None
-  if config.model.kind == "transformer" and config.model.width % config.model.heads:
-    raise TrainingError(f"config.model.width ({config.model.width}) must be a multiple of "
-                        f"config.model.heads ({config.model.heads}): choose heads that divide it.")
-  if config.model.kind == "transformer" and config.model.hidden_products == "batched":
-    raise TrainingError("config.model.kind = 'transformer' holds its layers per layer: set "
-                        "model.hidden_products = 'auto' or 'per_layer'.")
+    raise TrainingError(str(e)) from None
   if config.train.inference_momentum and config.train.inference_optimizer == "gd":
     raise TrainingError("config.train.inference_momentum needs train.inference_optimizer = "
                         "'momentum' or 'nesterov'.")
-  if config.model.inference_kernel == "pallas" and (config.train.inference_optimizer != "gd"
-                                                    or config.train.inference_tolerance):
-    raise TrainingError("config.model.inference_kernel = 'pallas' runs plain gradient descent for a "
+  if config.engine.kernel == "pallas" and (config.train.inference_optimizer != "gd"
+                                           or config.train.inference_tolerance):
+    raise TrainingError("config.engine.kernel = 'pallas' runs plain gradient descent for a "
                         "fixed number of steps: set train.inference_optimizer = 'gd' and "
-                        "train.inference_tolerance = 0, or use model.inference_kernel = 'xla'.")
-  if config.model.inference_kernel == "pallas" and config.model.kind != "dense":
-    raise TrainingError("config.model.inference_kernel = 'pallas' covers the dense network only; "
-                        f"use 'xla' for model.kind = {config.model.kind!r}.")
-  if config.model.inference_kernel == "pallas" and config.model.hidden_products == "per_layer":
-    raise TrainingError("config.model.inference_kernel = 'pallas' needs model.hidden_products = "
-                        "'batched' or 'auto'.")
+                        "train.inference_tolerance = 0, or use engine.kernel = 'xla'.")
+  if config.engine.kernel == "pallas" and config.engine.layout == "per_layer":
+    raise TrainingError("config.engine.kernel = 'pallas' needs engine.layout = 'stacked' or "
+                        "'auto'.")
+  # The network's own refusals, from shapes alone (no weights drawn, no data read).
+  nnx.eval_shape(lambda: build_model(config, data.SPECS[config.data.name]))
   if config.data.augment and config.data.name != "cifar10":
     raise TrainingError("config.data.augment is the CIFAR-10 augmentation; set it only for cifar10.")
   for field in ("train.batch_size", "eval_batch_size"):
@@ -163,37 +146,39 @@ def _check_finite(window: list[dict], first_step: int) -> None:
 def build_model(config, spec: data.pipeline.DatasetSpec) -> pc.Network:
   """The network ``config.model`` describes, for inputs and classes of ``spec``.
 
-  A shape the network cannot take (e.g. patches that do not tile the
-  images) raises TrainingError naming it.
+  A value or shape the network cannot take (e.g. patches that do not tile
+  the images), or an engine choice that does not fit it, raises
+  TrainingError naming it.
   """
-  common = dict(activation=config.model.activation, parameterization=config.model.parameterization,
-                depth_exponent=config.model.depth_exponent,
-                hidden_products=config.model.hidden_products, precision=config.model.precision,
-                rngs=nnx.Rngs(config.seed))
-  try:
-    if config.model.kind == "conv":
-      channels = tuple(config.model.width * 2**s for s in range(config.model.stages))
-      return ConvResidualPCN(spec.image_shape, channels, config.model.residual_layers,
-                             spec.num_classes, kernel_size=config.model.kernel_size,
-                             stem_stride=config.model.stem_stride, **common)
-    if config.model.kind == "transformer":
-      return TransformerPCN(spec.image_shape, config.model.patch_size, config.model.width,
-                            config.model.blocks, spec.num_classes, heads=config.model.heads,
-                            mlp_ratio=config.model.mlp_ratio, **common)
-    return ResidualPCN(spec.input_size, config.model.width, config.model.hidden_layers,
-                       spec.num_classes, inference_kernel=config.model.inference_kernel, **common)
-  except ValueError as e:
-    raise TrainingError(f"config.model does not fit {config.data.name} "
-                        f"({'×'.join(map(str, spec.image_shape))} images): {e}") from None
+  def build():
+    try:
+      model = kinds.build(config.model, spec, config.seed)
+    except (ValueError, TypeError) as e:
+      raise TrainingError(f"config.model ({config.model.kind}) cannot be built for "
+                          f"{config.data.name} ({'×'.join(map(str, spec.image_shape))} images): "
+                          f"{e}") from None
+    try:
+      pc.plan(engine_of(config), model, jnp.zeros((1, spec.input_size)))
+    except ValueError as e:
+      raise TrainingError(f"config.engine does not fit config.model ({config.model.kind}): "
+                          f"{e}") from None
+    return model
+
+  return build()
+
+
+def engine_of(config) -> pc.Engine:
+  """The engine's choices ``config.engine`` describes."""
+  return pc.Engine(layout=config.engine.layout, kernel=config.engine.kernel)
 
 
 def inference_of(config, model: pc.Network) -> pc.Inference:
   """The inference ``config.train`` describes, for ``model``'s depth."""
   train = config.train
-  return pc.Inference(steps=train.inference_steps or train.steps_per_layer * model.hidden_layers,
+  return pc.Inference(steps=train.inference_steps or train.steps_per_layer * pc.hidden_layers(model),
                       lr=train.inference_lr, schedule=train.schedule, phases=train.phases,
                       optimizer=train.inference_optimizer, momentum=train.inference_momentum,
-                      tolerance=train.inference_tolerance)
+                      tolerance=train.inference_tolerance, engine=engine_of(config))
 
 
 def evaluate(eval_step, model_state, split: data.Split, mesh, batch_size: int) -> dict:

@@ -199,7 +199,7 @@ CASES = {
     "config file fails to run": Case(
         lambda s: s.main(config=_config_file(s, "raising.py", "def get_config():\n  return missing\n")),
         r"the config file \S+raising\.py failed: NameError: name 'missing' is not defined"),
-    "invalid value": Case(lambda s: s.main("--config.model.width=0"), r"config\.model\.width must be positive, got 0\."),
+    "invalid value": Case(lambda s: s.main("--config.model.width=0"), r"config\.model \(dense\) cannot be built for mnist \(28×28×1 images\): ResidualPCN needs width to be a positive integer, got 0\."),
     "batch not divisible": Case(_batch_for_eight_devices, r"divisible by the number of devices \(8\)"),
     "flag of the wrong type": Case(lambda s: s.main("--config.train.num_steps=abc"),
                                    r"--config\.train\.num_steps=abc: invalid literal for int"),

@@ -1,4 +1,5 @@
-"""The convolutional μPC network against independent references, and through the program."""
+"""The convolutional μPC network against independent references (what every network
+gets from the engine, through the program too, is in test_conformance)."""
 
 import jax
 import jax.numpy as jnp
@@ -8,8 +9,7 @@ from flax import nnx
 
 import mupc_flax as mf
 import oracles
-from mupc_flax import diagnostics, metrics
-from programs import checkpoint_steps, load_checkpoint, run
+from mupc_flax import diagnostics
 
 IMAGE, CHANNELS, RESIDUAL, CLASSES, B = (6, 6, 2), (3, 4), (2, 1), 3, 5
 
@@ -103,10 +103,10 @@ def test_one_by_one_convolutions_are_the_dense_network():
   dense.readout.kernel[...] = conv.head.kernel[...]
   x, y = oracles.random_batch(5, B, d, CLASSES)
   close = lambda a, b: np.testing.assert_allclose(np.asarray(a).reshape(np.shape(b)), b, rtol=1e-5, atol=1e-6)
-  close(conv.feedforward(x)[0], dense.feedforward(x))
+  close(conv.feedforward(x), dense.feedforward(x))  # one stage: one array, as the dense one
   close(conv(x), dense(x))
   inference = mf.Inference(h, 0.5 * B)
-  close(mf.infer(conv, x, y, inference)[0], mf.infer(dense, x, y, inference))
+  close(mf.infer(conv, x, y, inference), mf.infer(dense, x, y, inference))
   conv_grads, conv_metrics = mf.pc_gradients(conv, x, y, inference)
   dense_grads, dense_metrics = mf.pc_gradients(dense, x, y, inference)
   for a, b in zip(library_kernels(conv, conv_grads), library_kernels(dense, dense_grads)):
@@ -118,70 +118,3 @@ def test_one_by_one_convolutions_are_the_dense_network():
   spectra = [diagnostics.hessian_spectrum(m, x[0], y[0], method="dense") for m in (conv, dense)]
   np.testing.assert_allclose([spectra[0]["min"], spectra[0]["max"]], [spectra[1]["min"], spectra[1]["max"]],
                              rtol=1e-4)
-
-
-@pytest.mark.parametrize("products", ["batched", "per_layer"])
-def test_wavefront_is_exact_across_stages_and_keeps_unreached_layers_at_zero(products):
-  """From the feed-forward start only the output error is non-zero, so t steps
-  move only the top t layers, across stage boundaries: below them the change,
-  the error and the weight gradient stay exactly zero, and the wavefront
-  schedule gives the plain schedule's result."""
-  model = make_conv(activation="relu", hidden_products=products, seed=5)
-  x, y = oracles.random_batch(6, B, int(np.prod(IMAGE)), CLASSES)
-  total = model.hidden_layers  # 5: stage 0 has 3 layers, stage 1 has 2
-  z0 = per_layer(model.feedforward(x))
-  for steps in (1, 3, 4, 7):
-    plain = per_layer(mf.infer(model, x, y, mf.Inference(steps, 0.5 * B, "plain")))
-    front = per_layer(mf.infer(model, x, y, mf.Inference(steps, 0.5 * B, "wavefront", phases=2)))
-    for layer in range(total):
-      np.testing.assert_allclose(front[layer], plain[layer], rtol=1e-5, atol=1e-6)
-      moved = np.abs(np.asarray(front[layer]) - np.asarray(z0[layer])).max()
-      assert (moved > 0) == (layer >= total - steps), (steps, layer, moved)
-  grads, _ = mf.pc_gradients(model, x, y, mf.Inference(2, 0.5 * B))
-  kernels = library_kernels(model, grads)
-  assert all(np.all(k == 0) for k in kernels[:total - 2]), [np.abs(k).max() for k in kernels]
-  assert all(np.abs(k).max() > 0 for k in kernels[total - 2:])
-
-
-def test_coordinate_check_over_channels_flat_under_mupc_not_under_sp():
-  x, y = oracles.random_batch(0, 16, 6 * 6 * 1, 10)
-  build = lambda width, **kw: mf.ConvResidualPCN((6, 6, 1), (width, 2 * width), 1, 10, **kw)
-  check = {p: diagnostics.coordinate_check((8, 64), 0, x, y, parameterization=p, steps=2,
-                                           make_model=build) for p in ("mupc", "sp")}
-  assert check["mupc"][8].shape == (3, 5)  # steps 0…2 × (4 hidden layers + output)
-  ratio = lambda r: r[64][-1] / r[8][-1]  # per layer, after the last step
-  assert np.all((ratio(check["mupc"]) > 0.5) & (ratio(check["mupc"]) < 2.0)), ratio(check["mupc"])
-  # Under SP, Adam's O(η) steps are large against weights of scale 1/√fan_in, more so
-  # the wider: the upper activities blow up or die, depending on the signs.
-  sp = ratio(check["sp"])
-  assert np.any((sp < 0.2) | (sp > 5)), sp
-
-
-# --- Through the program --------------------------------------------------------------
-
-CONV_SMOKE = ["--config.train.num_steps=30", "--config.checkpoint_every_steps=15",
-              "--config.eval_every_steps=30", "--config.log_every_steps=10"]
-
-
-def test_conv_smoke_through_the_cli_resumes_and_eight_devices_match_one(tmp_path, mnist_data_dir):
-  config = "configs/mnist_conv.py:smoke"
-  one = run(tmp_path / "one", mnist_data_dir, *CONV_SMOKE, config=config)
-  assert one.returncode == 0, one.stderr[-3000:]
-  records = metrics.read(tmp_path / "one" / "metrics.jsonl")
-  losses = [r["loss"] for r in records if r["split"] == "train"]
-  evals = [r for r in records if r["split"] == "eval"]
-  assert losses[-1] < losses[0], losses
-  assert evals[-1]["examples"] == 10_000 and evals[-1]["accuracy"] > 0.15  # chance is 0.1
-  assert len(evals[-1]["weight_change"]) == 3 * (1 + 1) + 1  # 3 stages of 1 + 1 layers, readout
-  assert checkpoint_steps(tmp_path / "one") == [15, 30]
-
-  eight = run(tmp_path / "eight", mnist_data_dir, *CONV_SMOKE, config=config, devices=8)
-  assert eight.returncode == 0, eight.stderr[-3000:]
-  a, b = load_checkpoint(tmp_path / "one", 30), load_checkpoint(tmp_path / "eight", 30)
-  for key in a:
-    np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-5 * np.abs(a[key]).max(), err_msg=key)
-
-  resumed = run(tmp_path / "one", mnist_data_dir, *CONV_SMOKE[1:], "--config.train.num_steps=45",
-                config=config)
-  assert resumed.returncode == 0 and "Resumed from step 30 of 45" in resumed.stderr, resumed.stderr[-3000:]
-  assert checkpoint_steps(tmp_path / "one") == [15, 30, 45]

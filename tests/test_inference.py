@@ -68,13 +68,14 @@ def test_an_optax_optimizer_is_applied_to_the_activities():
   np.testing.assert_allclose(got, np.stack(z), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("optimizer,products", [(name, "batched") for name in OPTIMIZERS] + [
+@pytest.mark.parametrize("optimizer,layout", [(name, "stacked") for name in OPTIMIZERS] + [
     ("nesterov", "per_layer"), ("adam", "per_layer")])  # a tuple of states, and an optax tree
-def test_wavefront_equals_plain_for_every_optimizer(optimizer, products):
-  model = make_model(hidden_layers=7, hidden_products=products)
+def test_wavefront_equals_plain_for_every_optimizer(optimizer, layout):
+  model = make_model(hidden_layers=7)
   x, y = oracles.random_batch(8, 16, D, C)
   for steps in (5, 12):  # inside the wavefront, and past it
     results = [mf.pc_gradients(model, x, y, mf.Inference(steps, schedule=schedule, phases=3,
+                                                         engine=mf.Engine(layout=layout),
                                                          **OPTIMIZERS[optimizer]))
                for schedule in ("plain", "wavefront")]
     (plain, plain_metrics), (wave, wave_metrics) = results
@@ -172,12 +173,10 @@ def test_eight_devices_match_one(inference):
 
 
 def test_pallas_kernel_refuses_other_optimizers():
-  model = make_model(hidden_layers=4, inference_kernel="pallas")
-  x, y = oracles.random_batch(12, 16, D, C)
-  for inference in (mf.Inference(4, 4.0, optimizer="momentum", momentum=0.5),
-                    mf.Inference(4, 4.0, tolerance=1e-3)):
+  pallas = mf.Engine(kernel="pallas")
+  for kwargs in (dict(optimizer="momentum", momentum=0.5), dict(tolerance=1e-3)):
     with pytest.raises(ValueError, match="Pallas inference kernel runs plain gradient descent"):
-      mf.infer(model, x, y, inference)
+      mf.Inference(4, 4.0, engine=pallas, **kwargs)
 
 
 @pytest.mark.parametrize("kwargs,message", [

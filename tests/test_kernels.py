@@ -21,9 +21,12 @@ from mupc_flax import kernels
 D, N, H, C, B = 12, 96, 6, 5, 8
 
 
-def make_model(inference_kernel, activation):
-  return mf.ResidualPCN(D, N, H, C, activation=activation, hidden_products="batched",
-                        inference_kernel=inference_kernel, rngs=nnx.Rngs(3))
+# The XLA path in the layout the kernel takes, and the kernel.
+ENGINES = {"xla": mf.Engine(layout="stacked"), "pallas": mf.Engine(kernel="pallas")}
+
+
+def make_model(activation):
+  return mf.ResidualPCN(D, N, H, C, activation=activation, rngs=nnx.Rngs(3))
 
 
 def test_tile_is_the_largest_power_of_two_dividing_the_width():
@@ -35,15 +38,17 @@ def test_tile_is_the_largest_power_of_two_dividing_the_width():
 def test_pallas_inference_equals_the_xla_path(schedule, loss, activation):
   x, y = oracles.random_batch(5, B, D, C)
   # T = 3 < H: under the wavefront the bottom three layers are never reached.
-  inference = mf.Inference(3, 4.0, schedule=schedule, phases=3)
-  xla, pallas = make_model("xla", activation), make_model("pallas", activation)
+  inference = {kind: mf.Inference(3, 4.0, schedule=schedule, phases=3, engine=engine)
+               for kind, engine in ENGINES.items()}
+  model = make_model(activation)
 
-  def gradients(model):
-    return mf.pc_gradients(model, x, y, inference, loss=loss)
+  def gradients(model, kind):
+    return mf.pc_gradients(model, x, y, inference[kind], loss=loss)
 
-  assert "pallas_call" in str(jax.make_jaxpr(lambda m: gradients(m)[0])(pallas))
-  assert "pallas_call" not in str(jax.make_jaxpr(lambda m: gradients(m)[0])(xla))
-  (grads_xla, metrics_xla), (grads_pallas, metrics_pallas) = gradients(xla), jax.jit(gradients)(pallas)
+  assert "pallas_call" in str(jax.make_jaxpr(lambda m: gradients(m, "pallas")[0])(model))
+  assert "pallas_call" not in str(jax.make_jaxpr(lambda m: gradients(m, "xla")[0])(model))
+  grads_xla, metrics_xla = gradients(model, "xla")
+  grads_pallas, metrics_pallas = jax.jit(gradients, static_argnums=1)(model, "pallas")
   for a, b in zip(jax.tree.leaves(grads_xla), jax.tree.leaves(grads_pallas)):
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-8)
     np.testing.assert_array_equal(b == 0, a == 0)  # the same exact zeros
@@ -56,9 +61,9 @@ def test_pallas_inference_equals_the_xla_path(schedule, loss, activation):
 
   # From given activities (errors relative to a non-zero start): plain schedule only.
   if schedule == "plain":
-    z = xla.feedforward(jnp.asarray(x)) + 0.1 * np.random.default_rng(6).standard_normal((H, B, N))
+    z = model.feedforward(jnp.asarray(x)) + 0.1 * np.random.default_rng(6).standard_normal((H, B, N))
     z = z.astype(jnp.float32)
-    after = [mf.infer(model, x, y, inference, z=z, loss=loss) for model in (xla, pallas)]
+    after = [mf.infer(model, x, y, inference[kind], z=z, loss=loss) for kind in ("xla", "pallas")]
     np.testing.assert_allclose(after[1], after[0], rtol=1e-5, atol=1e-6)
     assert np.abs(after[0] - z).max() > 1e-3  # inference moved the activities
 
@@ -69,10 +74,11 @@ def test_pallas_train_step_on_eight_devices_equals_the_xla_step():
   x, y = oracles.random_batch(7, B, D, C)
   assert len(mf.make_mesh().devices.flat) == 8
   updated = {}
-  for kind in ("xla", "pallas"):
-    model = make_model(kind, "relu")
+  for kind, engine in ENGINES.items():
+    model = make_model("relu")
     optimizer = nnx.Optimizer(model, optax.adam(0.01), wrt=nnx.Param)
-    step = mf.make_train_step(model, optimizer, mf.make_mesh(), inference=mf.Inference(H, 1.0))
+    step = mf.make_train_step(model, optimizer, mf.make_mesh(),
+                              inference=mf.Inference(H, 1.0, engine=engine))
     updated[kind], _, _ = step(nnx.state(model), nnx.state(optimizer), x, y)
   for a, b in zip(jax.tree.leaves(updated["xla"]), jax.tree.leaves(updated["pallas"])):
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)

@@ -62,17 +62,13 @@ def test_premultipliers_are_state_but_not_trained():
   jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, premultipliers))
 
 
-def test_hidden_products_options_agree():
-  x, y = oracles.random_batch(0, 5, 6, 3)
-  z = np.random.default_rng(1).standard_normal((4, 5, 8)).astype(np.float32)
-  batched = mf.ResidualPCN(6, 8, 4, 3, hidden_products="batched", rngs=nnx.Rngs(0))
-  per_layer = mf.ResidualPCN(6, 8, 4, 3, hidden_products="per_layer", rngs=nnx.Rngs(0))
-  np.testing.assert_allclose(mf.layer_energies(batched, z, x, y), mf.layer_energies(per_layer, z, x, y),
-                             rtol=1e-6)
+def test_unrolled_and_scanned_forward_passes_agree():
+  x, _ = oracles.random_batch(0, 5, 6, 3)
+  model = mf.ResidualPCN(6, 8, 4, 3, rngs=nnx.Rngs(0))
+  scanned, unrolled = mf.feedforward(model, x, unrolled=False), mf.feedforward(model, x, unrolled=True)
   # The forward passes differ in order of operations (scan vs unrolled): float rounding only.
-  np.testing.assert_allclose(batched(x), per_layer(x), rtol=1e-5, atol=1e-7)
-  np.testing.assert_allclose(batched.feedforward(x), per_layer.feedforward(x), rtol=1e-5, atol=1e-7)
-  np.testing.assert_allclose(batched(x), batched.output(batched.feedforward(x)[-1]), rtol=1e-6)
+  np.testing.assert_allclose(scanned, unrolled, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(model(x), model.readout(model.phi(unrolled[-1])), rtol=1e-5, atol=1e-7)
 
 
 def _top_rms(parameterization, width, depth, x):
@@ -94,16 +90,30 @@ def test_mupc_forward_pass_is_stable_in_width_and_depth():
 @pytest.mark.parametrize("kwargs,match", [
     ({"width": 0}, "width"), ({"hidden_layers": -1}, "hidden_layers"),
     ({"activation": "swish"}, "activation"), ({"parameterization": "ntk"}, "parameterization"),
-    ({"hidden_products": "fast"}, "hidden_products")])
+    ({"precision": "fp8"}, "precision")])
 def test_bad_arguments_give_clear_errors(kwargs, match):
   args = {"in_features": 4, "width": 8, "hidden_layers": 2, "out_features": 3} | kwargs
   with pytest.raises(ValueError, match=match):
     mf.ResidualPCN(**args, rngs=nnx.Rngs(0))
 
 
-def test_auto_layout_follows_the_cpu_measurements():
-  assert mf.ResidualPCN(4, 256, 8, 3, rngs=nnx.Rngs(0)).hidden_products == "per_layer"
-  assert mf.ResidualPCN(4, 128, 8, 3, rngs=nnx.Rngs(0)).hidden_products == "batched"
+def test_auto_plan_follows_the_cpu_measurements():
+  """The engine's defaults, from the backend and the network's shapes alone."""
+  x = np.zeros((2, 784), np.float32)
+  plan = lambda model, **engine: mf.pc.plan(mf.Engine(**engine), model, x)
+  dense = lambda width: mf.ResidualPCN(784, width, 8, 3, rngs=nnx.Rngs(0))
+  assert plan(dense(256)) == mf.pc.Plan(True, False, False, True, "xla")  # 7·256² > 2^17
+  assert plan(dense(128)) == mf.pc.Plan(False, False, False, True, "xla")
+  assert plan(dense(256), kernel="pallas").per_layer is False
+  assert plan(dense(256), layout="stacked", closed_form=False) == mf.pc.Plan(False, False, False, False, "xla")
+  conv = mf.ConvResidualPCN((28, 28, 1), (4, 8), 1, 3, rngs=nnx.Rngs(0))
+  assert plan(conv) == mf.pc.Plan(True, True, True, True, "xla")  # convolutions: per layer, unrolled
+  vit = mf.TransformerPCN((28, 28, 1), 7, 8, 1, 3, heads=2, rngs=nnx.Rngs(0))
+  assert plan(vit) == mf.pc.Plan(True, True, False, False, "xla")  # per-layer weights, no closed form
+  with pytest.raises(ValueError, match="per-layer tuples"):
+    plan(vit, layout="stacked")
+  with pytest.raises(ValueError, match="dense network"):
+    plan(conv, kernel="pallas")
 
 
 def test_gelu_activation_is_available():

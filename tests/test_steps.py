@@ -100,16 +100,17 @@ def test_pc_train_step_at_128_layers():
   assert not np.allclose(model_state["readout"]["kernel"][...], before)
 
 
-@pytest.mark.parametrize("products", ["per_layer", "batched"])
-def test_split_and_single_compiled_step_agree(products):
+@pytest.mark.parametrize("layout", ["per_layer", "stacked"])
+def test_split_and_single_compiled_step_agree(layout):
   """The speed lever 'two compiled functions' computes the same step."""
   results = []
   for split in (False, True):
-    model = mf.ResidualPCN(D, N, H, C, hidden_products=products, rngs=nnx.Rngs(4))
+    model = mf.ResidualPCN(D, N, H, C, rngs=nnx.Rngs(4))
     optimizer = nnx.Optimizer(model, optax.adam(0.05), wrt=nnx.Param)
     # One device: where the split form is used (steps.make_train_step explains why).
     step = mf.make_train_step(model, optimizer, mf.make_mesh(jax.devices()[:1]),
-                              inference=mf.Inference(H, 8.0), split=split)
+                              inference=mf.Inference(H, 8.0, engine=mf.Engine(layout=layout)),
+                              split=split)
     state = (nnx.state(model), nnx.state(optimizer))
     for i in range(2):
       x, y = oracles.random_batch(50 + i, B, D, C)
@@ -121,15 +122,16 @@ def test_split_and_single_compiled_step_agree(products):
   np.testing.assert_allclose(ma["layer_energies"], mb["layer_energies"], rtol=1e-5)
 
 
-@pytest.mark.parametrize("products,schedule", [("per_layer", "plain"), ("batched", "wavefront")])
-def test_memory_does_not_grow_with_inference_steps(products, schedule):
+@pytest.mark.parametrize("layout,schedule", [("per_layer", "plain"), ("stacked", "wavefront")])
+def test_memory_does_not_grow_with_inference_steps(layout, schedule):
   """No inference trajectory is stored: compiled scratch memory is flat in T."""
   temp = {}
   for steps in (16, 64):  # both past the wavefront (T > H): the same block structure
-    model = mf.ResidualPCN(D, 64, 8, C, hidden_products=products, rngs=nnx.Rngs(0))
+    model = mf.ResidualPCN(D, 64, 8, C, rngs=nnx.Rngs(0))
     optimizer = nnx.Optimizer(model, optax.adam(0.05), wrt=nnx.Param)
     step = mf.make_train_step(model, optimizer, mf.make_mesh(jax.devices()[:1]),
-                              inference=mf.Inference(steps, 0.5, schedule))
+                              inference=mf.Inference(steps, 0.5, schedule,
+                                                     engine=mf.Engine(layout=layout)))
     x, y = oracles.random_batch(0, B, D, C)
     compiled = [lowered.compile() for lowered in step.lower(nnx.state(model), nnx.state(optimizer), x, y)]
     temp[steps] = max(c.memory_analysis().temp_size_in_bytes for c in compiled)

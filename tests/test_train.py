@@ -14,6 +14,7 @@ import pytest
 from tensorboardX.proto import event_pb2
 
 from mupc_flax import metrics, train
+from mupc_flax.networks import kinds
 from programs import (REPO, RESUMABLE, checkpoint_steps, command, environment, load_checkpoint,
                       run)
 
@@ -97,30 +98,29 @@ def test_configs_hold_the_paper_settings(path, arg, expected):
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("model.width", 0, "config.model.width must be positive"),
+    ("model.width", 0, "config.model \\(dense\\) cannot be built for mnist .*width to be a positive integer, got 0"),
     ("train.batch_size", -4, "config.train.batch_size must be positive"),
-    ("model.activation", "swish", "config.model.activation = 'swish' is not one of"),
-    ("model.parameterization", "ntk", "config.model.parameterization = 'ntk' is not one of"),
+    ("model.activation", "swish", "Unknown activation 'swish'"),
+    ("model.parameterization", "ntk", "Unknown parameterization 'ntk'"),
     ("data.name", "imagenet", "config.data.name = 'imagenet' is not one of"),
     ("train.algorithm", "ep", "config.train.algorithm = 'ep' is not one of"),
     ("train.optimizer", "adamm", "not an optax optimizer"),
     ("train.batch_size", 60, "divisible by the number of devices \\(8\\)"),
-    ("model.precision", "fp16", "config.model.precision = 'fp16' is not one of"),
-    ("model.inference_kernel", "triton", "config.model.inference_kernel = 'triton' is not one of"),
-    ("model.inference_kernel,model.kind", ("pallas", "conv"), "covers the dense network only"),
-    ("model.inference_kernel,model.hidden_products", ("pallas", "per_layer"), "needs model.hidden_products"),
+    ("model.precision", "fp16", "precision must be one of"),
+    ("engine.kernel", "triton", "config.engine.kernel = 'triton' is not one of"),
+    ("engine.layout", "batched", "config.engine.layout = 'batched' is not one of"),
+    ("engine.kernel,engine.layout", ("pallas", "per_layer"), "needs engine.layout = 'stacked'"),
     ("train.inference_optimizer", "adagrad", "config.train.inference_optimizer = 'adagrad' is not one of"),
     ("train.inference_momentum", 1.0, "config.train.inference_momentum must be below 1"),
     ("train.inference_tolerance", -0.1, "config.train.inference_tolerance must be non-negative"),
     ("train.inference_momentum", 0.9, "needs train.inference_optimizer = 'momentum' or 'nesterov'"),
-    ("train.inference_optimizer,model.inference_kernel", ("momentum", "pallas"),
+    ("train.inference_optimizer,engine.kernel", ("momentum", "pallas"),
      "runs plain gradient descent"),
-    ("model.depth_exponent", 1.5, "config.model.depth_exponent must be in \\[0, 1\\]"),
-    ("model.kind,model.hidden_products", ("transformer", "batched"), "holds its layers per layer"),
-    ("model.kind,model.inference_kernel", ("transformer", "pallas"), "covers the dense network only"),
-    ("model.heads", 0, "config.model.heads must be positive"),
-    ("model.kind,model.heads", ("transformer", 5), "config.model.width \\(512\\) must be a multiple of "
-     "config.model.heads \\(5\\)"),
+    ("model.depth_exponent", 1.5, "depth_exponent must be in \\[0, 1\\]"),
+    # A field the chosen kind does not take is an error naming it.
+    ("model.blocks", 4, "config.model.blocks is not a field of the dense network"),
+    ("model.kind", "unet", "Unknown network kind 'unet'"),
+    ("model.kind", "no_such_module:make", "Cannot import 'no_such_module'"),
 ])
 def test_config_errors_are_clear(field, value, message):
   config = load_config("configs/default.py")
@@ -128,6 +128,45 @@ def test_config_errors_are_clear(field, value, message):
   for field, value in zip(fields, values):
     section, name = field.split(".")
     config[section][name] = value
+  with pytest.raises(train.TrainingError, match=message):
+    train.validate_config(config, num_devices=8, num_processes=1)
+
+
+@pytest.mark.parametrize("arg,expected", [
+    ("kind=conv", {"model.residual_layers": 6, "model.width": 16}),  # its own fields, defaults
+    ("kind=conv,residual_layers=2,smoke", {"model.residual_layers": 2, "model.width": 8}),
+    ("smoke,kind=transformer", {"model.blocks": 1, "model.width": 16, "model.heads": 2}),
+])
+def test_a_kind_override_brings_the_kinds_own_fields(arg, expected):
+  config = load_config("configs/default.py", arg)
+  train.validate_config(config, num_devices=8, num_processes=1)
+  assert "hidden_layers" not in config.model
+  for field, value in expected.items():
+    assert train._get(config, field) == value, field
+
+
+def test_a_plain_factory_is_a_kind_whose_fields_are_its_keyword_arguments(monkeypatch):
+  monkeypatch.syspath_prepend(str(REPO))
+  kind = kinds.get("examples.mixer:make_network")
+  assert kind.fields == {"width": 32, "blocks": 4, "patch_size": 7, "parameterization": "mupc"}
+  assert kind.smoke == {} and kind.depth_field is None
+  config = kinds.model_config("examples.mixer:make_network", blocks=2)
+  assert dict(config) == {"kind": "examples.mixer:make_network", "width": 32, "blocks": 2,
+                          "patch_size": 7, "parameterization": "mupc"}
+  with pytest.raises(ValueError, match="takes no field 'hidden_layers'"):
+    kinds.model_config("examples.mixer:make_network", hidden_layers=3)
+  with pytest.raises(ValueError, match="has no network factory 'missing'"):
+    kinds.get("examples.mixer:missing")
+
+
+@pytest.mark.parametrize("arg,engine_kernel,message", [
+    ("kind=transformer,heads=5", "xla", "width \\(64\\) must be a multiple of heads \\(5\\)"),
+    ("kind=transformer,patch_size=5", "xla", "must be multiples of the patch size 5"),
+    ("kind=conv", "pallas", "config.engine does not fit config.model \\(conv\\).*dense network"),
+])
+def test_the_networks_own_refusals_come_before_any_compute(arg, engine_kernel, message):
+  config = load_config("configs/default.py", arg)
+  config.engine.kernel = engine_kernel
   with pytest.raises(train.TrainingError, match=message):
     train.validate_config(config, num_devices=8, num_processes=1)
 

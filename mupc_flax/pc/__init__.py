@@ -2,24 +2,31 @@
 
 Inference is a number of optimiser steps on the activities from the
 feed-forward start (the paper: T steps of z ← z − β ∂F/∂z); learning takes
-∂F/∂W at the final activities. One engine serves every network of the stage
-protocol (``model``). It is split by concern:
+∂F/∂W at the final activities. One engine serves every network of the
+``PCNetwork`` protocol (``mupc_flax.networks.protocol``). It is split by concern:
 
 - ``energy``: F, its per-layer terms and the output errors;
+- ``forward``: what the engine derives from a network (depth, forms of the
+  activities, the feed-forward pass);
+- ``options``: the engine's choices (``Engine``: layouts, unrolling, closed
+  forms, the Pallas kernel), planned per network from the backend and shapes;
 - ``inference``: ``Inference`` (optimiser, schedule, stop), ``infer`` and
-  ``pc_inference``, in closed form and exact below the wavefront;
+  ``pc_inference``, exact below the wavefront;
 - ``gradients``: PC weight gradients at the end of inference, and BP's;
-- ``layout``: the two ways a stage's layers are held (batched, per layer).
+- ``layouts``: the two ways a stage's layers are held (stacked, per layer).
 """
 
 from mupc_flax.pc.energy import (Loss, Network, count_correct, energy, layer_energies,
                                  output_errors, output_losses)
+from mupc_flax.pc.forward import feedforward, hidden_layers, predict
 from mupc_flax.pc.gradients import bp_gradients, pc_gradients, pc_weight_gradients
 from mupc_flax.pc.inference import (Inference, InferenceResult, Optimizer, Schedule, infer,
                                     pc_inference, wavefront_phases)
+from mupc_flax.pc.options import Engine, Plan, plan
 
 __all__ = [
     "Loss", "Network", "count_correct", "energy", "layer_energies", "output_errors",
-    "output_losses", "bp_gradients", "pc_gradients", "pc_weight_gradients", "Inference",
-    "InferenceResult", "Optimizer", "Schedule", "infer", "pc_inference", "wavefront_phases",
+    "output_losses", "feedforward", "hidden_layers", "predict", "bp_gradients", "pc_gradients",
+    "pc_weight_gradients", "Inference", "InferenceResult", "Optimizer", "Schedule", "infer",
+    "pc_inference", "wavefront_phases", "Engine", "Plan", "plan",
 ]

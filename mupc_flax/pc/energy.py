@@ -6,19 +6,21 @@ when the batch is split over devices):
     F = (1/B) Σ_i [ Σ_{ℓ=1..H} ½‖e_ℓ‖² + ℓ_out(y, μ_L) ],   e_ℓ = z_ℓ − μ_ℓ,
 
 with ℓ_out = ½‖y − μ_L‖² ("mse") or −Σ_c y_c log softmax(μ_L)_c ("ce").
-Shapes: x [B, D], y [B, C], and z in the model's own form ([H, B, N] for the
-dense ``ResidualPCN``, a tuple of per-stage arrays for the others).
+Shapes: x [B, D], y [B, C], and z in the public form of ``pc.forward``
+(per stage [1 + R_s, B, ...]; one stage: that array, [H, B, N] for the dense
+``ResidualPCN``).
 """
 
-from typing import Any, Literal
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 
-from mupc_flax.pc import layout
+from mupc_flax.networks.protocol import PCNetwork
+from mupc_flax.pc import forward, layouts
 
-# Any network that implements the stage protocol (``model``).
-Network = Any
+# Any network of the ``PCNetwork`` protocol.
+Network = PCNetwork
 
 Loss = Literal["mse", "ce"]
 
@@ -46,16 +48,6 @@ def count_correct(outputs: jax.Array, y: jax.Array) -> jax.Array:
   return jnp.sum(jnp.argmax(outputs, -1) == jnp.argmax(y, -1)).astype(jnp.float32)
 
 
-def predictions(model: Network, stages: tuple, x: jax.Array) -> tuple:
-  """The prediction μ of every hidden layer at activities ``stages``, per stage."""
-  out, below = [], x
-  for s, z in enumerate(stages):
-    residual = model.residual_branch(s, model.residual_weights(s), model.phi(z[:-1])) + z[:-1]
-    out.append(jnp.concatenate([model.entry(s, below)[None], residual]))
-    below = model.phi(z[-1])
-  return tuple(out)
-
-
 def layer_energies(model: Network, z, x: jax.Array, y: jax.Array, *,
                    loss: Loss = "mse", batch_size: int | None = None) -> jax.Array:
   """Per-layer energies [H + 1] at activities z: hidden layers 1…H (bottom to
@@ -63,9 +55,9 @@ def layer_energies(model: Network, z, x: jax.Array, y: jax.Array, *,
 
   Each is a batch mean (divided by ``batch_size``, default x.shape[0]).
   """
-  stages = model.to_stages(z)
-  hidden = jnp.concatenate([0.5 * layout.per_layer_sum_of_squares(z - mu)
-                            for z, mu in zip(stages, predictions(model, stages, x))])
+  stages = forward.as_stages(model, z)
+  hidden = jnp.concatenate([0.5 * layouts.per_layer_sum_of_squares(z - mu)
+                            for z, mu in zip(stages, forward.predictions(model, stages, x))])
   output = jnp.sum(output_losses(model.readout(model.phi(stages[-1][-1])), y, loss))
   return jnp.append(hidden, output) / (batch_size or x.shape[0])
 

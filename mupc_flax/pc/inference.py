@@ -27,9 +27,9 @@ import jax.numpy as jnp
 import optax
 
 from mupc_flax import kernels
-from mupc_flax.pc import layout
-from mupc_flax.pc.energy import (Loss, Network, count_correct, output_errors, output_losses,
-                                 predictions)
+from mupc_flax.pc import forward, layouts
+from mupc_flax.pc.energy import Loss, Network, count_correct, output_errors, output_losses
+from mupc_flax.pc.options import Engine, Plan, plan
 
 Schedule = Literal["plain", "wavefront"]
 # The inference optimisers that ``Inference.lr`` and ``momentum`` describe.
@@ -62,6 +62,8 @@ class Inference:
       early once ‖∂F/∂z‖ (over every layer and sample of the global batch)
       has fallen below ``tolerance`` times its value at the first step: an
       approximate equilibrium.
+    engine: how the engine computes (layouts, unrolling, closed forms,
+      kernels; ``pc.Engine``): the same result at any setting.
   """
 
   steps: int
@@ -71,6 +73,7 @@ class Inference:
   optimizer: Optimizer | optax.GradientTransformation = "gd"
   momentum: float = 0.0
   tolerance: float = 0.0
+  engine: Engine = Engine()
 
   def __post_init__(self):
     if not isinstance(self.steps, int) or self.steps < 0:
@@ -95,6 +98,11 @@ class Inference:
     if not 0 <= self.tolerance < 1:
       raise ValueError(f"Inference tolerance must be in [0, 1) (0: fixed steps), got "
                        f"{self.tolerance!r}.")
+    if not isinstance(self.engine, Engine):
+      raise ValueError(f"Inference engine must be a pc.Engine, got {self.engine!r}.")
+    if self.engine.kernel == "pallas" and (self.optimizer != "gd" or self.tolerance):
+      raise ValueError("The Pallas inference kernel runs plain gradient descent for a fixed "
+                       "number of steps: use optimizer='gd' and tolerance=0, or the kernel 'xla'.")
 
   def transformation(self) -> optax.GradientTransformation:
     """The optimiser as an optax transformation of ∂F/∂δ into the update of δ."""
@@ -141,7 +149,8 @@ def _locate(model: Network, layer: int) -> tuple[int, int]:
   for stage, top in enumerate(itertools.accumulate(model.stage_layers)):
     if layer < top:
       return stage, layer - top + model.stage_layers[stage]
-  raise ValueError(f"Layer {layer} is above the network's {model.hidden_layers} hidden layers.")
+  raise ValueError(f"Layer {layer} is above the network's {forward.hidden_layers(model)} hidden "
+                   "layers.")
 
 
 class _Start(NamedTuple):
@@ -150,18 +159,18 @@ class _Start(NamedTuple):
   are zero by definition). For a network of general branches, also what
   each residual branch and each stage's entry predict there (``branch``:
   per stage, the branches of layers 1… of the stage; ``entry``: per stage,
-  None for the first); None for linear ones."""
+  None for the first); None in closed form. ``plan``: the engine's choices."""
 
   z: tuple
   phi: tuple
   errors: tuple | None
   branch: tuple | None
   entry: tuple | None
+  plan: Plan
 
 
-def _start(model: Network, stages: tuple, errors: tuple | None) -> _Start:
-  per_layer = model.hidden_products == "per_layer"
-  arrange = lambda arrays: tuple(layout.arrange(a, per_layer) for a in arrays)
+def _start(model: Network, plan: Plan, stages: tuple, errors: tuple | None) -> _Start:
+  arrange = lambda arrays: tuple(layouts.arrange(a, plan.per_layer) for a in arrays)
   # The barrier makes XLA compute z⁰, φ(z⁰) (and, for general branches, what
   # the branches predict from them) once. Otherwise it may recompute them
   # inside the fusions that use them, rounded differently (seen: one ulp),
@@ -169,33 +178,25 @@ def _start(model: Network, stages: tuple, errors: tuple | None) -> _Start:
   stages, phi = jax.lax.optimization_barrier((stages, tuple(model.phi(z) for z in stages)))
   stages, phi = arrange(stages), arrange(phi)
   branch = entry = None
-  if not model.linear_branches:
-    weights = _residual_weights(model)
+  if not plan.closed_form:
+    weights = forward.residual_weights(model, plan.per_layer)
     branch = tuple(model.residual_branch(s, weights[s], h[:-1]) for s, h in enumerate(phi))
     entry = (None,) + tuple(model.entry(s, phi[s - 1][-1]) for s in range(1, len(phi)))
     branch, entry = jax.lax.optimization_barrier((branch, entry))
-  return _Start(stages, phi, None if errors is None else arrange(errors), branch, entry)
+  return _Start(stages, phi, None if errors is None else arrange(errors), branch, entry, plan)
 
 
-def _residual_weights(model: Network) -> tuple:
-  """Per stage, the residual weights in the model's layout: in "per_layer",
-  the stacks are cut into per-layer tuples here, once, outside any loop."""
-  per_layer = model.hidden_products == "per_layer"
-  return tuple(tuple(tuple(w) if per_layer else w for w in model.residual_weights(s))
-               for s in range(len(model.stage_layers)))
-
-
-def _moved(model: Network, f: Callable, h, h0, f_h0=None, layers: bool = True):
+def _moved(closed_form: bool, f: Callable, h, h0, f_h0=None, layers: bool = True):
   """How far the prediction f(h) has moved from f(h⁰).
 
-  A linear map (``model.linear_branches``) of φ: f(h − h⁰), exactly zero
+  A linear map of φ, in closed form (``closed_form``): f(h − h⁰), exactly zero
   where h = h⁰ and of full relative precision for small changes. A general
   map: f(h) − f(h⁰) with f(h⁰) = ``f_h0`` from the start, set to exactly
   zero for every sample whose input has not changed (elsewhere it carries
   the rounding of f). ``h`` holds layers (``layers``: a tuple of [B, ...]
   or an array [S, B, ...]) or is one [B, ...] array.
   """
-  if model.linear_branches:
+  if closed_form:
     return f(jax.tree.map(jnp.subtract, h, h0))
   first = 2 if layers and not isinstance(h, tuple) else 1  # the axes after the sample axis
   same = jax.tree.map(lambda a, b: jnp.all(a == b, axis=tuple(range(first, a.ndim)), keepdims=True),
@@ -203,11 +204,11 @@ def _moved(model: Network, f: Callable, h, h0, f_h0=None, layers: bool = True):
   return jax.tree.map(lambda same, a, b: jnp.where(same, 0.0, a - b), same, f(h), f_h0)
 
 
-def _pullback(model: Network, f: Callable, h) -> Callable:
+def _pullback(closed_form: bool, f: Callable, h) -> Callable:
   """e ↦ (∂f/∂h at h)ᵀ e. For a linear map, its transpose (for a layer's
   product h ↦ a·hW, e ↦ a·eWᵀ: XLA sees the transposed product directly,
   with no forward product to prune); else the vector–Jacobian product."""
-  if model.linear_branches:
+  if closed_form:
     transpose = jax.linear_transpose(f, h)
     return lambda cotangent: transpose(cotangent)[0]
   _, vjp = jax.vjp(f, h)
@@ -231,11 +232,11 @@ def _errors(model: Network, start: _Start, delta: tuple, stage: int, index: int,
     d, z0, phi0 = delta[i], start.z[s][low:], start.phi[s][low:]
     phi = jax.tree.map(lambda z, v: model.phi(z + v), z0, d)
     if i:  # the stage's entry layer, predicted from the top of the stage below
-      shift = _moved(model, lambda h, s=s: model.entry(s, h), phis[-1][-1], start.phi[s - 1][-1],
+      shift = _moved(start.plan.closed_form, lambda h, s=s: model.entry(s, h), phis[-1][-1], start.phi[s - 1][-1],
                      None if start.entry is None else start.entry[s], layers=False)
-    moved = _moved(model, lambda h, s=s, w=weights[i]: model.residual_branch(s, w, h), phi[:-1],
+    moved = _moved(start.plan.closed_form, lambda h, s=s, w=weights[i]: model.residual_branch(s, w, h), phi[:-1],
                    phi0[:-1], None if start.branch is None else start.branch[s][low:])
-    shifts = layout.join(layout.single(shift, d), jax.tree.map(jnp.add, moved, d[:-1]))
+    shifts = layouts.join(layouts.single(shift, d), jax.tree.map(jnp.add, moved, d[:-1]))
     e = jax.tree.map(jnp.subtract, d, shifts)
     if start.errors is not None:
       e = jax.tree.map(jnp.add, e, start.errors[s][low:])
@@ -250,17 +251,23 @@ def _bottom_shift(model: Network, start: _Start, delta: tuple, weights: tuple, s
   through the layer below it."""
   if index:  # a residual layer: its skip and its branch
     below = delta[stage][index - 1]
-    h = layout.single(model.phi(start.z[stage][index - 1] + below), delta[stage])
+    h = layouts.single(model.phi(start.z[stage][index - 1] + below), delta[stage])
     h0 = start.phi[stage][index - 1:index]
     branch = tuple(w[index - 1:index] for w in weights[stage])
-    moved = _moved(model, lambda h: model.residual_branch(stage, branch, h), h, h0,
+    moved = _moved(start.plan.closed_form, lambda h: model.residual_branch(stage, branch, h), h, h0,
                    None if start.branch is None else start.branch[stage][index - 1:index])
     return moved[0] + below
   if stage:  # a stage's entry layer, from the top of the stage below
     h = model.phi(start.z[stage - 1][-1] + delta[stage - 1][-1])
-    return _moved(model, lambda h: model.entry(stage, h), h, start.phi[stage - 1][-1],
+    return _moved(start.plan.closed_form, lambda h: model.entry(stage, h), h, start.phi[stage - 1][-1],
                   None if start.entry is None else start.entry[stage], layers=False)
   return jnp.zeros_like(start.z[0][0])  # the input projection a_1 W_1 x never moves
+
+
+def _is_identity(phi: Callable, like: jax.Array) -> bool:
+  """Whether φ is the identity (traced on an abstract value: no operations),
+  so that its derivative, 1, need not be applied."""
+  return not jax.make_jaxpr(phi)(jax.ShapeDtypeStruct(like.shape, like.dtype)).eqns
 
 
 def _activity_gradient(model: Network, start: _Start, y: jax.Array, delta: tuple, stage: int,
@@ -274,8 +281,8 @@ def _activity_gradient(model: Network, start: _Start, y: jax.Array, delta: tuple
 
       B · ∂F/∂δ_k = e_k − e_{k+1} [if layer k+1 has a skip] − φ'(z_k) ⊙ J_{k+1}ᵀ e_{k+1}.
 
-  For linear maps of φ (dense, conv), Jᵀ is the map's transpose; for general
-  branches (φ the identity), the branch's vector–Jacobian product. This is
+  In closed form (linear maps of φ: dense, conv), Jᵀ is the map's transpose;
+  otherwise the map's vector–Jacobian product. This is
   what ``jax.grad`` of the block's energy computes, written so that each
   transposed product feeds one elementwise update (on CPU at 256 × 32,
   inference 1.16× faster than through ``jax.grad``). Layers the wavefront has
@@ -283,21 +290,22 @@ def _activity_gradient(model: Network, start: _Start, y: jax.Array, delta: tuple
   """
   errors, phis = _errors(model, start, delta, stage, index, bottom_shift, weights)
   above = output_errors(model.readout(phis[-1][-1]), y, loss)
-  above = _pullback(model, model.readout, phis[-1][-1])(above)
+  above = _pullback(start.plan.closed_form, model.readout, phis[-1][-1])(above)
   grads = []
   for i in reversed(range(len(errors))):
     s, low = stage + i, index if i == 0 else 0
     e, phi = errors[i], phis[i]
     branch = lambda h, s=s, w=weights[i]: model.residual_branch(s, w, h)
-    back = layout.join(_pullback(model, branch, phi[:-1])(e[1:]), layout.single(above, e))
-    skip = layout.join(e[1:], layout.single(jnp.zeros_like(above), e))
-    if model.linear_branches:
+    back = layouts.join(_pullback(start.plan.closed_form, branch, phi[:-1])(e[1:]),
+                        layouts.single(above, e))
+    skip = layouts.join(e[1:], layouts.single(jnp.zeros_like(above), e))
+    if not _is_identity(model.phi, start.z[s][0]):  # the maps' inputs are φ(z): the chain rule
       z = jax.tree.map(jnp.add, start.z[s][low:], delta[i])
       back = jax.tree.map(lambda v, back: jax.jvp(model.phi, (v,), (jnp.ones_like(v),))[1] * back,
                           z, back)
     grads.append(jax.tree.map(lambda e, skip, back: (e - skip - back) / batch_size, e, skip, back))
     if i:  # the entry of stage s, predicted from the top of the stage below
-      above = _pullback(model, lambda h, s=s: model.entry(s, h), phis[i - 1][-1])(e[0])
+      above = _pullback(start.plan.closed_form, lambda h, s=s: model.entry(s, h), phis[i - 1][-1])(e[0])
   return tuple(reversed(grads))
 
 
@@ -344,22 +352,18 @@ def _descend(model: Network, start: _Start, y: jax.Array, inference: Inference, 
   tx = inference.transformation()
   delta = jax.tree.map(jnp.zeros_like, start.z)
   state = tx.init(delta)
-  weights = _residual_weights(model)
+  weights = forward.residual_weights(model, start.plan.per_layer)
   stop = inference.tolerance > 0
   progress = _Progress(jnp.zeros((), jnp.int32), jnp.zeros(()), jnp.full((), jnp.inf))
   end = 0
-  for first, num_steps in inference.blocks(model.hidden_layers):
+  for first, num_steps in inference.blocks(forward.hidden_layers(model)):
     stage, index = _locate(model, first)
     bottom_shift = _bottom_shift(model, start, delta, weights, stage, index)
     # Sliced once, outside the loop.
     block_weights = (tuple(w[index:] for w in weights[stage]),) + weights[stage + 1:]
-    block_state = _map_activity_trees(tx, lambda tree: layout.block(tree, stage, index), state)
+    block_state = _map_activity_trees(tx, lambda tree: layouts.block(tree, stage, index), state)
 
-    if model.inference_kernel == "pallas" and kernels.applies(model, stage, index):
-      if inference.optimizer != "gd" or stop:
-        raise ValueError("The Pallas inference kernel runs plain gradient descent for a fixed "
-                         "number of steps: use optimizer='gd' and tolerance=0, or "
-                         "inference_kernel='xla'.")
+    if start.plan.kernel == "pallas" and forward.hidden_layers(model) - index >= 2:
       fused = kernels.fused_step(
           model, start.z[0][index:], None if start.errors is None else start.errors[0][index:],
           bottom_shift, block_weights[0], y, lambda outputs, y: output_errors(outputs, y, loss),
@@ -372,7 +376,7 @@ def _descend(model: Network, start: _Start, y: jax.Array, inference: Inference, 
         updates, s = tx.update(grad, s, d)
         return optax.apply_updates(d, updates), s, grad
 
-    carry = (layout.block(delta, stage, index), block_state)
+    carry = (layouts.block(delta, stage, index), block_state)
     if stop:
       end += num_steps
 
@@ -389,12 +393,12 @@ def _descend(model: Network, start: _Start, y: jax.Array, inference: Inference, 
       *carry, progress = jax.lax.while_loop(going, step, (*carry, progress))
     else:
       carry = jax.lax.fori_loop(0, num_steps, lambda _, c, update=update: update(*c)[:2], carry,
-                                unroll=bool(model.unroll_inference) or 1)
+                                unroll=start.plan.unroll or 1)
     block_delta, block_state = carry
-    delta = layout.with_block(delta, block_delta, stage, index)
+    delta = layouts.with_block(delta, block_delta, stage, index)
     # The block's state carries the other fields (Adam's step count) on.
     state = _map_activity_trees(
-        tx, lambda part, tree: layout.with_block(tree, part, stage, index), block_state, state)
+        tx, lambda part, tree: layouts.with_block(tree, part, stage, index), block_state, state)
   steps_taken = progress.steps if stop else jnp.asarray(inference.steps, jnp.int32)
   return delta, steps_taken
 
@@ -408,7 +412,7 @@ def infer(model: Network, x: jax.Array, y: jax.Array, inference: Inference, *,
     x: [B, D] clamped inputs.
     y: [B, C] clamped targets.
     inference: the optimiser, its steps and rate, the schedule and the stop.
-    z: starting activities, as ``model.feedforward`` gives them; None starts
+    z: starting activities, as ``feedforward`` gives them; None starts
       from the feed-forward pass (the paper's recipe, and the only start the
       wavefront schedule allows).
     loss: output energy, "mse" or "ce".
@@ -417,25 +421,34 @@ def infer(model: Network, x: jax.Array, y: jax.Array, inference: Inference, *,
   Returns:
     The activities after inference, as z ([H, B, N] for the dense network).
   """
+  plan_ = plan(inference.engine, model, x)
   if z is None:
-    stages = model.to_stages(model.feedforward(x))
+    stages = feedforward_stages(model, x, plan_)
     start_errors = None
   elif inference.schedule == "wavefront":
     raise ValueError("The wavefront schedule is exact only from the feed-forward start: "
                      "call infer without z, or use Inference(schedule='plain').")
   else:
-    stages = model.to_stages(z)
-    start_errors = tuple(z - mu for z, mu in zip(stages, predictions(model, stages, x)))
-  delta, _ = _descend(model, _start(model, stages, start_errors), y, inference, loss,
+    stages = forward.as_stages(model, z)
+    start_errors = tuple(z - mu for z, mu in zip(stages, forward.predictions(model, stages, x)))
+  delta, _ = _descend(model, _start(model, plan_, stages, start_errors), y, inference, loss,
                       batch_size or x.shape[0], None)
-  return model.from_stages(tuple(z + layout.stacked(d) for z, d in zip(stages, delta)))
+  return forward.public_form(model, tuple(z + layouts.stacked(d) for z, d in zip(stages, delta)))
+
+
+def feedforward_stages(model: Network, x: jax.Array, plan_: Plan) -> tuple:
+  """The feed-forward start, per stage. Written out per layer where
+  inference holds layers per layer or unrolls: on XLA's CPU runtime, a loop
+  followed by more work (here, the inference loops) runs slower."""
+  return forward.as_stages(model, forward.feedforward(model, x,
+                                                      unrolled=plan_.per_layer or plan_.unroll))
 
 
 class InferenceResult(NamedTuple):
   """The network at the end of inference, all a weight gradient needs.
 
   errors: hidden errors e_ℓ; phi: φ(z_ℓ); per stage an array [L_s, B, ...],
-  or a tuple of L_s [B, ...] arrays for a "per_layer" model (left unstacked:
+  or a tuple of L_s [B, ...] arrays in the "per_layer" layout (left unstacked:
   on XLA's CPU runtime a concatenation after the inference loop slows the
   loop itself). output_error: [B, C] ε = −∂ℓ_out/∂μ_L.
   """
@@ -466,13 +479,14 @@ def pc_inference(model: Network, x: jax.Array, y: jax.Array, inference: Inferenc
   ``inference_steps`` is the same on every device.
   """
   batch_size = batch_size or x.shape[0]
-  start = _start(model, model.to_stages(model.feedforward(x)), None)
+  plan_ = plan(inference.engine, model, x)
+  start = _start(model, plan_, feedforward_stages(model, x, plan_), None)
   delta, steps_taken = _descend(model, start, y, inference, loss, batch_size, axis_name)
   errors, phi = _errors(model, start, delta, 0, 0, jnp.zeros_like(start.z[0][0]),
-                        _residual_weights(model))
+                        forward.residual_weights(model, plan_.per_layer))
   outputs = model.readout(phi[-1][-1])
   ff_outputs = model.readout(start.phi[-1][-1])
-  per_layer = jnp.append(jnp.concatenate([0.5 * layout.per_layer_sum_of_squares(e) for e in errors]),
+  per_layer = jnp.append(jnp.concatenate([0.5 * layouts.per_layer_sum_of_squares(e) for e in errors]),
                          jnp.sum(output_losses(outputs, y, loss))) / batch_size
   metrics = {
       "loss": jnp.sum(output_losses(ff_outputs, y, loss)) / batch_size,

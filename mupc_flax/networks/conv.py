@@ -23,8 +23,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mupc_flax import parameterization as parameterization_lib
-from mupc_flax.model import (ACTIVATIONS, PRECISIONS, Dense, HiddenProducts, Premultiplier,
-                             check_options, residual_product)
+from mupc_flax.networks import kinds
+from mupc_flax.networks.layers import (ACTIVATIONS, PRECISIONS, Dense, Premultiplier, check_options,
+                                       residual_product)
 
 
 def conv(h: jax.Array, kernel: jax.Array, precision: str = "float32", stride: int = 1) -> jax.Array:
@@ -53,7 +54,6 @@ class Conv(nnx.Module):
     self.multiplier = Premultiplier(jnp.full(lead, multiplier, jnp.float32))
     self.stride = stride
     self.precision = precision
-    self.inference_kernel = "xla"  # the fused Pallas step covers the dense network only
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.multiplier[...] * conv(x, self.kernel[...], self.precision, self.stride)
@@ -72,8 +72,7 @@ class ConvResidualPCN(nnx.Module):
     kernel_size: k of every convolution.
     stem_stride: the stem's stride; 2 halves the resolution of every stage
       (about 4× less work).
-    activation, parameterization, depth_exponent, hidden_products, precision: as
-      for ``ResidualPCN``; "auto" products are per layer on CPU, batched elsewhere.
+    activation, parameterization, depth_exponent, precision: as for ``ResidualPCN``.
     rngs: supplies the ``params`` key.
   """
 
@@ -81,8 +80,7 @@ class ConvResidualPCN(nnx.Module):
                residual_layers: int | Sequence[int], out_features: int, *, kernel_size: int = 3,
                stem_stride: int = 1, activation: str = "relu", parameterization: str = "mupc",
                depth_exponent: float = parameterization_lib.DEPTH_EXPONENT,
-               hidden_products: HiddenProducts = "auto", precision: str = "float32",
-               rngs: nnx.Rngs):
+               precision: str = "float32", rngs: nnx.Rngs):
     channels = tuple(channels)
     if isinstance(residual_layers, int):
       residual_layers = (residual_layers,) * len(channels)
@@ -99,27 +97,16 @@ class ConvResidualPCN(nnx.Module):
     for name, value in [("kernel_size", kernel_size), ("stem_stride", stem_stride)]:
       if not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-    check_options(activation, hidden_products, precision)
+    check_options(activation, precision)
     parameterization_lib.check_depth_exponent(depth_exponent)
-    if hidden_products == "auto":
-      hidden_products = "per_layer" if jax.default_backend() == "cpu" else "batched"
     p = parameterization_lib.get(parameterization)
     num_layers = sum(residual_layers) + len(channels) + 1  # L: every weight layer
     self.image_shape = tuple(image_shape)
     self.activation = activation
     self.parameterization = parameterization
     self.depth_exponent = depth_exponent
-    self.hidden_products = hidden_products
     self.precision = precision
-    self.inference_kernel = "xla"  # the fused Pallas step covers the dense network only
     self.linear_branches = True
-    # XLA's CPU runtime runs a convolution about 3× slower inside a while loop
-    # than outside (18 vs 53 ms per inference step at 14×14×8, jax 0.10.2;
-    # partial unrolling does not help): there, inference loops are unrolled.
-    self.unroll_inference = jax.default_backend() == "cpu"
-    # A stacked convolution is a grouped one, whose kernel gradient XLA's CPU
-    # runtime computes slowly (2.2 s against 6 ms per step at 14×14×8).
-    self.gradient_products = hidden_products
     k = kernel_size
     entries, stacks = [], []
     for s, (c, r) in enumerate(zip(channels, residual_layers)):
@@ -148,17 +135,11 @@ class ConvResidualPCN(nnx.Module):
     """The activation φ."""
     return ACTIVATIONS[self.activation](z)
 
-  # --- The stage protocol (see ``model``) -----------------------------------------------
+  # --- The PCNetwork protocol ------------------------------------------------------------
 
   @property
   def stage_layers(self) -> tuple[int, ...]:
     return tuple(1 + stack.kernel.shape[0] for stack in self.stacks)
-
-  def to_stages(self, z: tuple) -> tuple:
-    return tuple(z)
-
-  def from_stages(self, stages: tuple) -> tuple:
-    return tuple(stages)
 
   def entry(self, stage: int, h: jax.Array) -> jax.Array:
     """The prediction of stage ``stage``'s first layer: the stem's from x
@@ -190,30 +171,40 @@ class ConvResidualPCN(nnx.Module):
       out += [params["entries"][s]["kernel"][None], params["stacks"][s]["kernel"]]
     return out + [params["head"]["kernel"][None]]
 
-  # ------------------------------------------------------------------------------------------
-
   @property
   def _dtype(self):
     return PRECISIONS[self.precision][0]
 
-  def feedforward(self, x: jax.Array) -> tuple[jax.Array, ...]:
-    """The feed-forward pass: per stage, activities [1 + R_s, B, H_s, W_s, C_s]."""
-    stages, h = [], x
-    for s in range(len(self.stacks)):
-      z = self.entry(s, h)
-      kernels, multipliers = self.residual_weights(s)
-      activities = [z]
-      for k in range(len(multipliers)):  # unrolled: R is small, and XLA fuses across layers
-        z = multipliers[k] * conv(self.phi(z), kernels[k], self.precision) + z
-        activities.append(z)
-      stages.append(jnp.stack(activities))
-      h = self.phi(z)
-    return tuple(stages)
-
-  def output(self, z_top: jax.Array) -> jax.Array:
-    """μ_L for the top activity [B, H, W, C] -> [B, C_out]."""
-    return self.readout(self.phi(z_top))
+  def feedforward(self, x: jax.Array):
+    """The feed-forward pass: per stage, activities [1 + R_s, B, H_s, W_s, C_s]
+    (one stage: that array)."""
+    from mupc_flax.pc import forward  # the engine imports the networks' layers
+    return forward.feedforward(self, x)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """Feed-forward prediction [B, C_out] for inputs x [B, H·W·C]."""
-    return self.output(self.feedforward(x)[-1][-1])
+    from mupc_flax.pc import forward
+    return forward.predict(self, x)
+
+
+def make_network(spec, *, width: int = 16, stages: int = 3, residual_layers: int = 6,
+                 kernel_size: int = 3, stem_stride: int = 1, activation: str = "relu",
+                 parameterization: str = "mupc",
+                 depth_exponent: float = parameterization_lib.DEPTH_EXPONENT,
+                 precision: str = "float32", rngs: nnx.Rngs) -> ConvResidualPCN:
+  """The convolutional network for images of ``spec``: ``stages`` resolutions
+  of width·2^s channels, ``residual_layers`` residual convolutions each."""
+  if not isinstance(stages, int) or stages < 1:
+    raise ValueError(f"stages must be a positive integer, got {stages!r}.")
+  if not isinstance(width, int) or width < 1:
+    raise ValueError(f"width must be a positive integer, got {width!r}.")
+  return ConvResidualPCN(spec.image_shape, tuple(width * 2**s for s in range(stages)),
+                         residual_layers, spec.num_classes, kernel_size=kernel_size,
+                         stem_stride=stem_stride, activation=activation,
+                         parameterization=parameterization, depth_exponent=depth_exponent,
+                         precision=precision, rngs=rngs)
+
+
+# The depth of a convolutional network is its residual layers per stage.
+KIND = kinds.NetworkKind(make=make_network, smoke=dict(width=8, residual_layers=1),
+                         depth_field="residual_layers")

@@ -15,8 +15,8 @@ k = a_i LN(z) W_k, v = a_i LN(z) W_v with logits s·q·k. The learned position
 embeddings are the rows of W_e that the one-hot position selects. Each
 attention and each MLP sublayer is one PC layer with its own activity: a
 residual branch that is not W·φ(z), so the engine uses its vector–Jacobian
-product (``linear_branches = False``; φ, the activity function the engine
-sees, is the identity, and the MLP's φ lives inside its branch).
+product (it declares no ``linear_branches``; φ, the activity function the
+engine sees, is the identity, and the MLP's φ lives inside its branch).
 
 Premultipliers come from the parameterisation table, L counting every PC
 layer (2R + 2): under μPC a_e = 1/√fan_in, a_i = 1/√d, a_o = 1/√fan_in ·
@@ -31,8 +31,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mupc_flax import parameterization as parameterization_lib
-from mupc_flax.model import (ACTIVATIONS, PRECISIONS, Dense, Premultiplier, SingleStage,
-                             check_options, matmul)
+from mupc_flax.networks import kinds
+from mupc_flax.networks.layers import ACTIVATIONS, PRECISIONS, Dense, Premultiplier, check_options, matmul
 
 
 class AttentionLayer(NamedTuple):
@@ -62,7 +62,7 @@ def layer_norm(z: jax.Array, epsilon: float = 1e-6) -> jax.Array:
   return centred * jax.lax.rsqrt(jnp.mean(jnp.square(centred), axis=-1, keepdims=True) + epsilon)
 
 
-class TransformerPCN(SingleStage, nnx.Module):
+class TransformerPCN(nnx.Module):
   """Vision-transformer PCN: patch embedding, R attention and R MLP layers
   alternating, mean pooling over tokens, readout.
 
@@ -76,8 +76,8 @@ class TransformerPCN(SingleStage, nnx.Module):
     mlp_ratio: m, the MLP's hidden size over d.
     activation: the MLP's φ, a key of ``ACTIVATIONS``.
     parameterization, depth_exponent, precision: as for ``ResidualPCN``.
-    hidden_products: "auto" or "per_layer", the only layout: attention and
-      MLP layers alternate, so no one batched product spans the layers.
+      Attention and MLP layers alternate, so the weights are per-layer
+      tuples and the engine holds the activities per layer.
     rngs: supplies the ``params`` key.
   """
 
@@ -85,7 +85,7 @@ class TransformerPCN(SingleStage, nnx.Module):
                out_features: int, *, heads: int = 4, mlp_ratio: int = 4,
                activation: str = "gelu", parameterization: str = "mupc",
                depth_exponent: float = parameterization_lib.DEPTH_EXPONENT,
-               hidden_products: str = "auto", precision: str = "float32", rngs: nnx.Rngs):
+               precision: str = "float32", rngs: nnx.Rngs):
     if len(image_shape) != 3 or not all(isinstance(v, int) and v > 0 for v in image_shape):
       raise ValueError(f"TransformerPCN needs image_shape (H, W, C) of positive integers, got "
                        f"{image_shape!r}.")
@@ -100,10 +100,7 @@ class TransformerPCN(SingleStage, nnx.Module):
                        f"size {patch_size}.")
     if width % heads:
       raise ValueError(f"The width {width} must be a multiple of the number of heads {heads}.")
-    check_options(activation, hidden_products, precision)
-    if hidden_products == "batched":
-      raise ValueError("TransformerPCN holds its layers per layer (attention and MLP layers "
-                       "alternate): use hidden_products='auto' or 'per_layer'.")
+    check_options(activation, precision)
     parameterization_lib.check_depth_exponent(depth_exponent)
     p = parameterization_lib.get(parameterization)
     d, hidden = width, mlp_ratio * width
@@ -115,11 +112,6 @@ class TransformerPCN(SingleStage, nnx.Module):
     self.parameterization = parameterization
     self.depth_exponent = depth_exponent
     self.precision = precision
-    self.hidden_products = "per_layer"
-    self.gradient_products = "per_layer"
-    self.unroll_inference = False
-    self.inference_kernel = "xla"
-    self.linear_branches = False
     tokens = (image_shape[0] // patch_size) * (image_shape[1] // patch_size)
     patch = patch_size * patch_size * image_shape[2]
     inner = lambda fan_in, out, stack: Dense(fan_in, out, multiplier=p.inner_multiplier(fan_in),
@@ -158,7 +150,11 @@ class TransformerPCN(SingleStage, nnx.Module):
     """The identity: the nonlinearities live inside the branches."""
     return z
 
-  # --- The stage protocol (one stage) ---------------------------------------------------
+  # --- The PCNetwork protocol (one stage) -------------------------------------------------
+
+  @property
+  def stage_layers(self) -> tuple[int, ...]:
+    return (self.hidden_layers,)
 
   def patches(self, x: jax.Array) -> jax.Array:
     """Inputs [B, H·W·C] -> patches with their one-hot positions [B, T, p·p·C + T]."""
@@ -231,21 +227,32 @@ class TransformerPCN(SingleStage, nnx.Module):
       out.append(flat(params["mlp_up"]["kernel"][r], params["mlp_down"]["kernel"][r]))
     return out + [params["head"]["kernel"].reshape(1, -1)]
 
-  # ------------------------------------------------------------------------------------------
-
   def feedforward(self, x: jax.Array) -> jax.Array:
     """The feed-forward pass: activities [1 + 2R, B, T, d], z_ℓ = μ_ℓ."""
-    z = self.entry(0, x)
-    activities = [z]
-    for layer in self.residual_weights()[0]:
-      z = z + self._branch(layer, z)
-      activities.append(z)
-    return jnp.stack(activities)
-
-  def output(self, z_top: jax.Array) -> jax.Array:
-    """μ_L for the top activity [B, T, d] -> [B, C]."""
-    return self.readout(z_top)
+    from mupc_flax.pc import forward  # the engine imports the networks' layers
+    return forward.feedforward(self, x)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """Feed-forward prediction [B, C] for inputs x [B, H·W·C]."""
-    return self.output(self.feedforward(x)[-1])
+    from mupc_flax.pc import forward
+    return forward.predict(self, x)
+
+
+def make_network(spec, *, width: int = 64, blocks: int = 4, patch_size: int = 7, heads: int = 4,
+                 mlp_ratio: int = 4, activation: str = "gelu", parameterization: str = "mupc",
+                 depth_exponent: float = parameterization_lib.DEPTH_EXPONENT,
+                 precision: str = "float32", rngs: nnx.Rngs) -> TransformerPCN:
+  """The vision transformer for images of ``spec``, ``blocks`` (attention,
+  MLP) pairs of width d = ``width``."""
+  if isinstance(width, int) and isinstance(heads, int) and heads > 0 and width % heads:
+    raise ValueError(f"width ({width}) must be a multiple of heads ({heads}): choose heads that "
+                     "divide it.")
+  return TransformerPCN(spec.image_shape, patch_size, width, blocks, spec.num_classes, heads=heads,
+                        mlp_ratio=mlp_ratio, activation=activation,
+                        parameterization=parameterization, depth_exponent=depth_exponent,
+                        precision=precision, rngs=rngs)
+
+
+# The depth of a transformer is its blocks.
+KIND = kinds.NetworkKind(make=make_network, smoke=dict(width=16, blocks=1, heads=2),
+                         depth_field="blocks")

@@ -1,0 +1,209 @@
+"""One suite over every network: what any ``PCNetwork`` gets from the engine.
+
+Each entry of ``NETWORKS`` is a config.model (a built-in kind, or the example
+network from outside the package); every test runs on each. The oracle is a
+plain-JAX energy written here from the protocol's maps alone (one layer at
+a time, no engine code): the engine's closed forms, layouts, wavefront,
+sharding and checkpoints must all agree with ``jax.grad`` of it.
+"""
+
+import shutil
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import mupc_flax as mf
+from mupc_flax import data, diagnostics
+from mupc_flax.networks import kinds
+from programs import REPO, checkpoint_steps, load_checkpoint, run
+
+sys.path.insert(0, str(REPO))  # the example network lives outside the package
+
+# A small dataset shape every network takes: 8×8 grey images, 4 classes.
+SPEC = data.pipeline.DatasetSpec((8, 8, 1), (0.0,), (1.0,), num_classes=4)
+B = 8
+
+# name -> (config.model fields, the config.model fields of the CLI smoke run on MNIST).
+NETWORKS = {
+    "dense": (dict(width=16, hidden_layers=4), dict(kind="dense")),
+    "conv": (dict(width=8, stages=2, residual_layers=1), dict(kind="conv")),
+    "transformer": (dict(width=8, blocks=1, patch_size=4, heads=2), dict(kind="transformer")),
+    "mixer": (dict(width=8, blocks=2, patch_size=4), dict(kind="examples.mixer:KIND")),
+}
+KIND_OF = {"dense": "dense", "conv": "conv", "transformer": "transformer",
+           "mixer": "examples.mixer:KIND"}
+ENGINES = {"auto": mf.Engine(), "per_layer": mf.Engine(layout="per_layer"),
+           "vjp": mf.Engine(closed_form=False)}
+
+
+def build(name, seed=0, **fields):
+  config = kinds.model_config(KIND_OF[name], **(NETWORKS[name][0] | fields))
+  return kinds.build(config, SPEC, seed)
+
+
+def batch(seed, size=B):
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal((size, SPEC.input_size)).astype(np.float32)
+  return x, np.eye(SPEC.num_classes, dtype=np.float32)[rng.integers(0, SPEC.num_classes, size)]
+
+
+def stages_of(z):
+  return z if isinstance(z, tuple) else (z,)
+
+
+def oracle_energy(net, z, x, y, loss="mse"):
+  """F of the protocol's maps, one layer at a time (the batch mean)."""
+  total, below = 0.0, x
+  for s, stage in enumerate(stages_of(z)):
+    mu = net.entry(s, below)
+    total += 0.5 * jnp.sum(jnp.square(stage[0] - mu))
+    weights = net.residual_weights(s)
+    for k in range(1, len(stage)):
+      one = tuple(w[k - 1:k] for w in weights)
+      mu = stage[k - 1] + net.residual_branch(s, one, net.phi(stage[k - 1])[None])[0]
+      total += 0.5 * jnp.sum(jnp.square(stage[k] - mu))
+    below = net.phi(stage[-1])
+  outputs = net.readout(below)
+  if loss == "mse":
+    total += 0.5 * jnp.sum(jnp.square(y - outputs))
+  else:
+    total += -jnp.sum(y * jax.nn.log_softmax(outputs))
+  return total / x.shape[0]
+
+
+def perturbed_start(net, x, seed):
+  z = mf.feedforward(net, x)
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda a: a + 0.3 * rng.standard_normal(a.shape).astype(np.float32), z)
+
+
+def assert_trees_close(a, b, rtol=1e-4, atol=1e-6):
+  """Leaf by leaf, within ``rtol`` and ``atol`` times the leaf's largest value."""
+  for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    scale = float(np.abs(np.asarray(v)).max(initial=0))
+    np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=rtol, atol=atol * scale + 1e-12)
+
+
+@pytest.mark.parametrize("name", NETWORKS)
+def test_is_a_pc_network(name):
+  net = build(name)
+  assert isinstance(net, mf.PCNetwork)
+  assert mf.pc.hidden_layers(net) == sum(net.stage_layers)
+
+
+@pytest.mark.parametrize("loss", ["mse", "ce"])
+@pytest.mark.parametrize("name", NETWORKS)
+def test_energy_matches_the_oracle(name, loss):
+  net, (x, y) = build(name), batch(1)
+  z = perturbed_start(net, x, 2)
+  np.testing.assert_allclose(mf.energy(net, z, x, y, loss=loss), oracle_energy(net, z, x, y, loss),
+                             rtol=1e-5)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("name", NETWORKS)
+def test_activity_step_is_gradient_descent_on_the_oracle(name, engine):
+  """One plain step from given activities is z − β ∂F/∂z of the oracle, on
+  every path: the closed form, per layer, and vector–Jacobian products."""
+  net, (x, y) = build(name), batch(3)
+  z, lr = perturbed_start(net, x, 4), 0.5 * B
+  got = mf.infer(net, x, y, mf.Inference(1, lr, "plain", engine=ENGINES[engine]), z=z)
+  grad = jax.grad(oracle_energy, argnums=1)(net, z, x, y)
+  assert_trees_close(got, jax.tree.map(lambda a, g: a - lr * g, z, grad))
+
+
+@pytest.mark.parametrize("engine", ["auto", "vjp"])
+@pytest.mark.parametrize("name", NETWORKS)
+def test_weight_gradients_are_the_oracles_at_the_end_of_inference(name, engine):
+  net, (x, y) = build(name), batch(5)
+  inference = mf.Inference(3, 0.5 * B, engine=ENGINES[engine])
+  grads, metrics = mf.pc_gradients(net, x, y, inference, loss="ce")
+  z = mf.infer(net, x, y, inference, loss="ce")
+  expected = nnx.grad(lambda net: oracle_energy(net, z, x, y, "ce"))(net)
+  # The oracle forms each small error as z − μ, a difference of rounded numbers.
+  assert_trees_close(grads, expected, atol=1e-4)
+  np.testing.assert_allclose(metrics["energy"], oracle_energy(net, z, x, y, "ce"), rtol=1e-5)
+
+
+OPTIMIZERS = {"gd": dict(lr=2.0), "momentum": dict(lr=2.0, optimizer="momentum", momentum=0.5),
+              "adam": dict(lr=None, optimizer=optax.adam(0.05))}
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+@pytest.mark.parametrize("name", NETWORKS)
+def test_wavefront_equals_plain_and_keeps_zeros_below_the_front(name, optimizer):
+  net, (x, y) = build(name), batch(6)
+  hidden = mf.pc.hidden_layers(net)
+  layers = lambda z: [np.asarray(layer) for stage in stages_of(z) for layer in stage]
+  z0 = layers(mf.feedforward(net, x))
+  for steps in (2, hidden + 2):  # inside the front, and past it
+    plain, front = (mf.infer(net, x, y, mf.Inference(steps, schedule=schedule, phases=2,
+                                                     **OPTIMIZERS[optimizer]))
+                    for schedule in ("plain", "wavefront"))
+    assert_trees_close(front, plain, rtol=1e-5)
+    moved = np.array([np.abs(a - b).max() for a, b in zip(layers(front), z0)])
+    if steps < hidden:  # exactly the top `steps` layers moved
+      assert np.all(moved[:hidden - steps] == 0) and np.all(moved[hidden - steps:] > 0), moved
+
+
+@pytest.mark.parametrize("name", NETWORKS)
+def test_eight_devices_match_one(name):
+  results = []
+  for devices in (1, 8):
+    net = build(name)
+    # SGD: Adam would turn the rounding of near-zero gradients into whole steps.
+    optimizer = nnx.Optimizer(net, optax.sgd(0.2), wrt=nnx.Param)
+    step = mf.make_train_step(net, optimizer, mf.make_mesh(jax.devices()[:devices]),
+                              inference=mf.Inference(mf.pc.hidden_layers(net), 0.5 * 16))
+    state = (nnx.state(net), nnx.state(optimizer))
+    for i in range(2):
+      *state, step_metrics = step(*state, *batch(10 + i, size=16))
+    results.append((jax.tree.map(np.asarray, state[0]), jax.tree.map(np.asarray, step_metrics)))
+  (one, m1), (eight, m8) = results
+  initial = jax.tree.leaves(nnx.state(build(name), nnx.Param))
+  moved = [np.abs(a - w).max() for a, w in zip(jax.tree.leaves(nnx.state(one, nnx.Param)), initial)]
+  assert min(moved) > 1e-7, moved  # every weight learned
+  assert_trees_close(eight, one, rtol=1e-4)
+  np.testing.assert_allclose(m8["layer_energies"], m1["layer_energies"], rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", NETWORKS)
+def test_coordinate_check_is_flat_in_width_under_mupc(name):
+  """After three μPC training steps every layer's activity RMS stays within a
+  factor 2 when the width grows 4×."""
+  x, y = batch(7, size=16)
+  width = NETWORKS[name][0]["width"]
+  make = lambda width, parameterization, activation, rngs: kinds.get(KIND_OF[name]).make(
+      SPEC, rngs=rngs, **(NETWORKS[name][0] | dict(width=width, parameterization=parameterization)))
+  rms = diagnostics.coordinate_check((width, 4 * width), 0, x, y, parameterization="mupc", steps=3,
+                                     make_model=make)
+  ratio = rms[4 * width][-1] / rms[width][-1]
+  assert np.all((ratio > 0.5) & (ratio < 2.0)), ratio
+
+
+@pytest.mark.parametrize("name", NETWORKS)
+def test_cli_trains_and_resumes_bit_identically(name, tmp_path, mnist_data_dir):
+  """The training program on real MNIST: it learns, and a rerun from the
+  middle checkpoint writes the same final checkpoint, bit for bit."""
+  smoke = ",".join(f"{k}={v}" for k, v in NETWORKS[name][1].items())
+  config = f"configs/default.py:{smoke},smoke"
+  flags = ["--config.train.num_steps=20", "--config.checkpoint_every_steps=10",
+           "--config.eval_every_steps=20", "--config.log_every_steps=10"]
+  first = run(tmp_path, mnist_data_dir, *flags, config=config)
+  assert first.returncode == 0, first.stderr[-3000:]
+  assert checkpoint_steps(tmp_path) == [10, 20]
+  final = load_checkpoint(tmp_path, 20)
+  shutil.rmtree(tmp_path / "checkpoints" / "20")
+  again = run(tmp_path, mnist_data_dir, *flags, config=config)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "Resumed from step 10" in again.stderr
+  resumed = load_checkpoint(tmp_path, 20)
+  for key in final:
+    np.testing.assert_array_equal(resumed[key], final[key], err_msg=key)
+  middle = load_checkpoint(tmp_path, 10)
+  assert all(np.any(middle[key] != final[key]) for key in final if "kernel" in key)  # all learn
