@@ -15,6 +15,10 @@ def test_quick_start_example_trains():
   assert len(code.strip().splitlines()) <= 20
   namespace = {}
   exec(compile(code, str(README), "exec"), namespace)
+  # Run again, as a notebook cell is: the loop keeps training the same modules.
+  loop = re.search(r"^for step in .*\n(?:  .*\n)+", code, re.M).group(0)
+  exec(compile(loop, str(README), "exec"), namespace)
+  assert int(namespace["optimizer"].step[...]) == 40
   metrics, model, x, y, mf = (namespace[k] for k in ("metrics", "model", "x", "y", "mf"))
   assert float(metrics["loss"]) < 0.2  # 20 steps on one batch: the loss fell from ≈0.5
   assert model(x).shape == (64, 10)
