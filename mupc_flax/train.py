@@ -122,28 +122,51 @@ def validate_config(config, num_devices: int, num_processes: int) -> None:
 def _preemption_notice(checkpointer: checkpointing.Checkpointer):
   """Yields ``preempted(step)``: whether the loop must save and stop after ``step``.
 
-  A single process sets a flag from its own SIGTERM handler. In a
-  multi-process run every process must stop at the same step: JAX's
+  A single process sets a flag from its own handler of SIGTERM and SIGINT
+  (Ctrl-C), so both save the current step and stop cleanly; a second Ctrl-C
+  raises KeyboardInterrupt at once, without saving. ``preempted.signal``
+  names the signal that came ("SIGTERM" or "SIGINT"), else None.
+
+  In a multi-process run every process must stop at the same step: JAX's
   preemption service caught SIGTERM in C++ when the run was joined, and makes
   the processes agree on a step, which Orbax's ``reached_preemption`` reads.
-  A Python handler would replace that C++ one, so none is installed then.
+  A Python handler would replace that C++ one, so none is installed then
+  (and Ctrl-C interrupts such a run without saving).
   """
   if jax.process_count() > 1:
     if callable(signal.getsignal(signal.SIGTERM)):
       logging.warning("A Python SIGTERM handler (%s) replaced JAX's preemption notice: a SIGTERM "
                       "will not stop this multi-process run at an agreed step.",
                       signal.getsignal(signal.SIGTERM))
-    yield checkpointer.reached_preemption
+    agreed = lambda step: checkpointer.reached_preemption(step)
+    agreed.signal = "SIGTERM"
+    yield agreed
     return
   flag = threading.Event()
+
+  def preempted(step: int) -> bool:
+    return flag.is_set()
+
+  preempted.signal = None
   if threading.current_thread() is not threading.main_thread():
-    yield lambda step: flag.is_set()
+    yield preempted
     return
-  previous = signal.signal(signal.SIGTERM, lambda signum, frame: flag.set())
+
+  def on_signal(signum, frame):
+    if signum == signal.SIGINT and preempted.signal == "SIGINT":
+      raise KeyboardInterrupt  # the second Ctrl-C: the user will not wait for the save
+    preempted.signal = preempted.signal or signal.Signals(signum).name
+    flag.set()
+    if signum == signal.SIGINT:
+      logging.warning("Ctrl-C: saving after this step, then stopping. Press Ctrl-C again to stop "
+                      "at once, without saving.")
+
+  previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
   try:
-    yield lambda step: flag.is_set()
+    yield preempted
   finally:
-    signal.signal(signal.SIGTERM, previous)
+    for s, handler in previous.items():
+      signal.signal(s, handler)
 
 
 def _summarise(window: list[dict]) -> dict:
@@ -370,7 +393,8 @@ def train_and_evaluate(config, workdir: str | os.PathLike,
         checkpointer.save(done, model_state, opt_state, train_iterator,
                           {"step": done, "seed": config.seed, "examples_seen": done * batch_size})
       if preempted and not final:
-        logging.warning("Preempted: saved step %d of %d; rerun the same command to resume.",
+        logging.warning("%s: saved step %d of %d; rerun the same command to resume.",
+                        "Interrupted" if preempted_after.signal == "SIGINT" else "Preempted",
                         done, num_steps)
         # No evaluation: the grace period before the kill is for saving.
         return {"preempted_at": done}

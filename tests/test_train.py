@@ -193,7 +193,8 @@ def test_killed_run_resumes_bit_identically(tmp_path, mnist_data_dir):
       strip(metrics.read(tmp_path / "straight" / "metrics.jsonl"))
 
 
-def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path, mnist_data_dir):
+@pytest.mark.parametrize("signum,line", [(signal.SIGTERM, "Preempted"), (signal.SIGINT, "Interrupted")])
+def test_sigterm_and_ctrl_c_save_the_current_step_and_exit_cleanly(tmp_path, mnist_data_dir, signum, line):
   process = subprocess.Popen(command(tmp_path, mnist_data_dir, *RESUMABLE), cwd=REPO,
                              env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)
@@ -201,13 +202,27 @@ def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path, mnist_data_d
   while not (tmp_path / "checkpoints" / "50").is_dir() and time.time() < deadline:
     time.sleep(0.01)
   time.sleep(0.2)
-  process.send_signal(signal.SIGTERM)
+  process.send_signal(signum)
   _, stderr = process.communicate(timeout=120)
   assert process.returncode == 0, stderr[-3000:]
-  saved = int(stderr.split("Preempted: saved step ")[1].split()[0])
+  assert f"{line}: saved step " in stderr and "; rerun the same command to resume." in stderr
+  saved = int(stderr.split(f"{line}: saved step ")[1].split()[0])
   assert 50 < saved < 300 and checkpoint_steps(tmp_path)[-1] == saved
   # The meta item records the step the checkpoint was saved at.
   assert f'"step": {saved}' in (tmp_path / "checkpoints" / str(saved) / "meta" / "metadata").read_text()
+
+
+def test_a_second_ctrl_c_stops_at_once_without_saving():
+  """The first Ctrl-C asks the loop to save and stop; the second raises
+  KeyboardInterrupt at once (the program's one line, status 130)."""
+  with train._preemption_notice(checkpointer=None) as preempted:
+    assert not preempted(1)
+    os.kill(os.getpid(), signal.SIGINT)
+    assert preempted(2) and preempted.signal == "SIGINT"
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(1)
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
 
 
 def test_eight_devices_end_to_end_match_one(tmp_path, mnist_data_dir):
