@@ -2,6 +2,7 @@
 
 import pathlib
 import re
+import tomllib
 
 import numpy as np
 
@@ -25,3 +26,10 @@ def test_quick_start_example_trains():
   # nnx.update wrote the trained weights back: the model predicts its batch well.
   accuracy = np.mean(np.argmax(model(x), 1) == np.argmax(y, 1))
   assert accuracy > 0.9
+
+
+def test_the_tensorboard_extra_installs_tensorboard():
+  """``pip install -e '.[tensorboard]'``, as the README says, brings the viewer."""
+  project = tomllib.loads((README.parent / "pyproject.toml").read_text())["project"]
+  assert any(re.match(r"tensorboard\b", r) for r in project["optional-dependencies"]["tensorboard"])
+  assert "pip install -e '.[tensorboard]'" in README.read_text()

@@ -1,8 +1,10 @@
 """The training program end to end: main, configs, checkpoints, resume, faults."""
 
 import importlib.util
+import json
 import os
 import pathlib
+import shutil
 import signal
 import struct
 import subprocess
@@ -156,7 +158,33 @@ def test_smoke_run_writes_metrics_events_and_checkpoints(tmp_path, mnist_data_di
   scalars = tensorboard_scalars(tmp_path)
   assert [s for s, _ in scalars["train/loss"]] == [10, 20, 30, 40, 50, 60]
   np.testing.assert_allclose(scalars["eval/accuracy"][-1][1], evals[-1]["accuracy"], rtol=1e-6)
-  assert "[eval] step 60" in result.stderr  # the console log
+  assert "[eval] step 60/60" in result.stderr  # the console log
+  # One TensorBoard curve per layer for each per-layer value.
+  assert [s for s, _ in scalars["train/layer_energies/5"]] == [10, 20, 30, 40, 50, 60]
+  assert {f"eval/{k}/{l}" for k in ("weight_change", "pc_bp_cosines") for l in range(1, 6)} <= set(scalars)
+  assert "train/update_norms/1" in scalars
+
+
+def test_resume_with_a_changed_config_names_it_keeps_both_records_and_no_step_twice(
+    tmp_path, mnist_data_dir):
+  """Checkpoint 40 lost (as when a run is killed after logging step 40): the
+  rerun, with another learning rate, resumes from 30, names the changed
+  fields, keeps config.json and writes config.30.json, and TensorBoard holds
+  each step once."""
+  first = run(tmp_path, mnist_data_dir, "--config.train.num_steps=40")
+  assert first.returncode == 0, first.stderr[-3000:]
+  shutil.rmtree(tmp_path / "checkpoints" / "40")
+  second = run(tmp_path, mnist_data_dir, "--config.train.num_steps=60",
+               "--config.train.learning_rate=0.05")
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert "Resumed from step 30 of 60" in second.stderr
+  assert "train.learning_rate: 0.1 → 0.05; train.num_steps: 40 → 60." in second.stderr
+  assert "config.json is kept; this run's config, from step 30 on, is in config.30.json" in second.stderr
+  kept = json.loads((tmp_path / "config.json").read_text())
+  assert kept["train"]["learning_rate"] == 0.1 and kept["train"]["num_steps"] == 40
+  assert json.loads((tmp_path / "config.30.json").read_text())["train"]["learning_rate"] == 0.05
+  steps = [s for s, _ in tensorboard_scalars(tmp_path)["train/loss"]]
+  assert sorted(steps) == [10, 20, 30, 40, 50, 60], steps
 
 
 def test_killed_run_resumes_bit_identically(tmp_path, mnist_data_dir):
