@@ -11,6 +11,8 @@ A notebook session needs only these names::
     step = mupc_flax.make_train_step(model, optimizer, inference=mupc_flax.Inference(8, 0.5))
 """
 
+from importlib import metadata as _metadata
+
 from mupc_flax.conv import Conv, ConvResidualPCN
 from mupc_flax.model import ACTIVATIONS, Dense, Premultiplier, ResidualPCN
 from mupc_flax.parameterization import PARAMETERIZATIONS, Parameterization
@@ -19,6 +21,11 @@ from mupc_flax.pc import (Inference, bp_gradients, energy, infer, layer_energies
 from mupc_flax.sharding import global_batch, make_mesh
 from mupc_flax.steps import make_eval_step, make_train_step
 from mupc_flax.transformer import TransformerPCN
+
+try:  # the installed distribution's version (pyproject.toml)
+  __version__ = _metadata.version("mupc_flax")
+except _metadata.PackageNotFoundError:  # imported from a source tree that is not installed
+  __version__ = "0+unknown"
 
 __all__ = [
     "ACTIVATIONS", "Conv", "ConvResidualPCN", "Dense", "Premultiplier", "ResidualPCN",

@@ -1,5 +1,6 @@
 """The README's notebook example runs as written."""
 
+import importlib.metadata
 import pathlib
 import re
 import tomllib
@@ -33,3 +34,12 @@ def test_the_tensorboard_extra_installs_tensorboard():
   project = tomllib.loads((README.parent / "pyproject.toml").read_text())["project"]
   assert any(re.match(r"tensorboard\b", r) for r in project["optional-dependencies"]["tensorboard"])
   assert "pip install -e '.[tensorboard]'" in README.read_text()
+
+
+def test_the_main_command_says_where_the_dataset_goes_and_the_version_is_known():
+  text = README.read_text()
+  first = text[text.index("## Two commands"):text.index("Run the tests")]
+  assert "~/tensorflow_datasets" in first and "$TFDS_DATA_DIR" in first
+  assert "--config.data.data_dir" in first
+  import mupc_flax
+  assert mupc_flax.__version__ == importlib.metadata.version("mupc_flax") != "0+unknown"
