@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import struct
@@ -159,10 +160,19 @@ def test_smoke_run_writes_metrics_events_and_checkpoints(tmp_path, mnist_data_di
   assert [s for s, _ in scalars["train/loss"]] == [10, 20, 30, 40, 50, 60]
   np.testing.assert_allclose(scalars["eval/accuracy"][-1][1], evals[-1]["accuracy"], rtol=1e-6)
   assert "[eval] step 60/60" in result.stderr  # the console log
+  assert re.search(r"^I.*\[train\] step 10/60: .* eta \d+s$", result.stderr, re.M), result.stderr[-2000:]
+  assert "eta_seconds" not in result.stderr and "OpenCV" not in result.stderr
+  # The first step's compile is not throughput (before, it made the first window 10× slower).
+  assert train_records[0]["examples_per_second"] > 0.25 * train_records[1]["examples_per_second"]
   # One TensorBoard curve per layer for each per-layer value.
   assert [s for s, _ in scalars["train/layer_energies/5"]] == [10, 20, 30, 40, 50, 60]
   assert {f"eval/{k}/{l}" for k in ("weight_change", "pc_bp_cosines") for l in range(1, 6)} <= set(scalars)
   assert "train/update_norms/1" in scalars
+
+
+@pytest.mark.parametrize("seconds,text", [(0.4, "0s"), (45, "45s"), (750.4, "12m30s"), (11100, "3h05m")])
+def test_eta_is_formatted(seconds, text):
+  assert metrics.format_duration(seconds) == text
 
 
 def test_resume_with_a_changed_config_names_it_keeps_both_records_and_no_step_twice(
