@@ -5,7 +5,6 @@ import json
 import os
 import pathlib
 import re
-import shutil
 import signal
 import struct
 import subprocess
@@ -175,28 +174,6 @@ def test_eta_is_formatted(seconds, text):
   assert metrics.format_duration(seconds) == text
 
 
-def test_resume_with_a_changed_config_names_it_keeps_both_records_and_no_step_twice(
-    tmp_path, mnist_data_dir):
-  """Checkpoint 40 lost (as when a run is killed after logging step 40): the
-  rerun, with another learning rate, resumes from 30, names the changed
-  fields, keeps config.json and writes config.30.json, and TensorBoard holds
-  each step once."""
-  first = run(tmp_path, mnist_data_dir, "--config.train.num_steps=40")
-  assert first.returncode == 0, first.stderr[-3000:]
-  shutil.rmtree(tmp_path / "checkpoints" / "40")
-  second = run(tmp_path, mnist_data_dir, "--config.train.num_steps=60",
-               "--config.train.learning_rate=0.05")
-  assert second.returncode == 0, second.stderr[-3000:]
-  assert "Resumed from step 30 of 60" in second.stderr
-  assert "train.learning_rate: 0.1 → 0.05; train.num_steps: 40 → 60." in second.stderr
-  assert "config.json is kept; this run's config, from step 30 on, is in config.30.json" in second.stderr
-  kept = json.loads((tmp_path / "config.json").read_text())
-  assert kept["train"]["learning_rate"] == 0.1 and kept["train"]["num_steps"] == 40
-  assert json.loads((tmp_path / "config.30.json").read_text())["train"]["learning_rate"] == 0.05
-  steps = [s for s, _ in tensorboard_scalars(tmp_path)["train/loss"]]
-  assert sorted(steps) == [10, 20, 30, 40, 50, 60], steps
-
-
 def test_killed_run_resumes_bit_identically(tmp_path, mnist_data_dir):
   straight = subprocess.Popen(  # the uninterrupted run, beside the killed one
       command(tmp_path / "straight", mnist_data_dir, *RESUMABLE), cwd=REPO, env=environment(),
@@ -343,17 +320,32 @@ def test_slurm_script_runs_a_detected_multi_process_job(tmp_path, mnist_data_dir
 # --- Faults -------------------------------------------------------------------------
 
 
-def test_corrupt_newest_checkpoint_is_skipped(tmp_path, mnist_data_dir):
+def test_corrupt_newest_checkpoint_is_skipped_and_a_changed_config_is_recorded(tmp_path, mnist_data_dir):
+  """The rerun, with another learning rate, falls back from the unreadable
+  checkpoint 60 to 30, names the changed fields, keeps config.json beside
+  config.30.json, and drops what was logged after step 30 (from metrics.jsonl
+  and TensorBoard alike) before logging it again: each step appears once."""
   assert run(tmp_path, mnist_data_dir).returncode == 0
   for blob in (tmp_path / "checkpoints" / "60" / "model").rglob("d/*"):
     blob.write_bytes(b"garbage")
-  resumed = run(tmp_path, mnist_data_dir, "--config.train.num_steps=90")
+  resumed = run(tmp_path, mnist_data_dir, "--config.train.num_steps=90",
+                "--config.train.learning_rate=0.05")
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "Checkpoint 60" in resumed.stderr and "unreadable" in resumed.stderr
   assert "Resumed from step 30" in resumed.stderr
   assert checkpoint_steps(tmp_path) == [30, 60, 90]
   set_aside = list((tmp_path / "checkpoints.unreadable").iterdir())
   assert len(set_aside) == 1 and set_aside[0].name.startswith("60-")  # kept for inspection
+
+  assert "train.learning_rate: 0.1 → 0.05; train.num_steps: 60 → 90." in resumed.stderr
+  assert "config.json is kept; this run's config, from step 30 on, is in config.30.json" in resumed.stderr
+  kept = json.loads((tmp_path / "config.json").read_text())
+  assert kept["train"]["learning_rate"] == 0.1 and kept["train"]["num_steps"] == 60
+  assert json.loads((tmp_path / "config.30.json").read_text())["train"]["learning_rate"] == 0.05
+  steps = [s for s, _ in tensorboard_scalars(tmp_path)["train/loss"]]
+  assert sorted(steps) == list(range(10, 100, 10)), steps
+  assert [r["step"] for r in metrics.read(tmp_path / "metrics.jsonl") if r["split"] == "train"] == \
+      list(range(10, 100, 10))
 
 
 def test_non_finite_energy_stops_and_keeps_the_last_good_checkpoint(tmp_path, mnist_data_dir):
