@@ -455,7 +455,8 @@ def _train(config, workdir: pathlib.Path, mesh, model: pc.Network, splits) -> di
     pending: list = []  # device metrics of steps not yet checked
     window: list = []  # host metrics since the last log
     # Throughput and ETA count the steps after the first: its call compiles.
-    clock, timed = None, 0
+    # (A window of that first step alone is timed whole, compile included.)
+    clock, timed, window_clock = None, 0, time.perf_counter()
     last_eval = None
     for step in range(start_step, num_steps):
       batch = next(train_iterator)
@@ -479,17 +480,19 @@ def _train(config, workdir: pathlib.Path, mesh, model: pc.Network, splits) -> di
         pending = []
       if window and (final or done % config.log_every_steps == 0):
         summary = _summarise(window)
-        if timed:
-          elapsed = time.perf_counter() - clock
-          summary["examples_per_second"] = timed * batch_size / elapsed
-          summary["eta_seconds"] = (num_steps - done) * elapsed / timed
+        counted, elapsed = ((timed, time.perf_counter() - clock) if timed
+                            else (len(window), time.perf_counter() - window_clock))
+        summary["examples_per_second"] = counted * batch_size / elapsed
+        summary["eta_seconds"] = (num_steps - done) * elapsed / counted
         writer.write(done, "train", summary)
         window, clock, timed = [], time.perf_counter(), 0
+        window_clock = clock
       if final or done % eval_every == 0:
         last_eval = evaluate(eval_step, model_state, test_split, mesh, config.eval_batch_size)
         last_eval |= _layer_diagnostics(config, model, model_state, initial_params, test_split)
         writer.write(done, "eval", last_eval)
         clock, timed = time.perf_counter(), 0  # evaluation time is not training throughput
+        window_clock = clock
       if save_now:
         checkpointer.save(done, model_state, opt_state, train_iterator,
                           {"step": done, "seed": config.seed, "examples_seen": done * batch_size})
