@@ -17,6 +17,8 @@ The text after ':' is a comma-separated list of variants and overrides:
                     its name, e.g. hidden_layers=32,width=256
 """
 
+import difflib
+
 import ml_collections
 
 from mupc_flax.networks import kinds
@@ -155,7 +157,9 @@ def apply_arg(config: ml_collections.ConfigDict, arg: str | None,
       config.train.learning_rate = deep_learning_rate or bp_learning_rate
       config.train.lr_schedule = "cosine"
     else:
-      raise ValueError(f"Unknown config variant {item!r}; use smoke, sp, bp, deep or name=value.")
+      close = difflib.get_close_matches(item, ("smoke", "sp", "bp", "deep"), n=1)
+      hint = f"; did you mean {close[0]!r}?" if close else "."
+      raise ValueError(f"Unknown config variant {item!r}{hint} Use smoke, sp, bp, deep or name=value.")
   for item in overrides:
     _override(config, item)
   return config

@@ -11,6 +11,8 @@ A notebook session needs only these names::
     step = mupc_flax.make_train_step(model, optimizer, inference=mupc_flax.Inference(8, 0.5))
 """
 
+from importlib import metadata as _metadata
+
 from mupc_flax.networks.conv import Conv, ConvResidualPCN
 from mupc_flax.networks.dense import ResidualPCN
 from mupc_flax.networks.kinds import NetworkKind
@@ -22,6 +24,11 @@ from mupc_flax.pc import (Engine, Inference, bp_gradients, energy, feedforward, 
                           layer_energies, output_losses, pc_gradients, predict, wavefront_phases)
 from mupc_flax.sharding import global_batch, make_mesh
 from mupc_flax.steps import make_eval_step, make_train_step
+
+try:  # the installed distribution's version (pyproject.toml)
+  __version__ = _metadata.version("mupc_flax")
+except _metadata.PackageNotFoundError:  # imported from a source tree that is not installed
+  __version__ = "0+unknown"
 
 __all__ = [
     "ACTIVATIONS", "Conv", "ConvResidualPCN", "Dense", "NetworkKind", "PCNetwork",

@@ -59,11 +59,23 @@ def run(main: Callable[[list[str]], None]) -> None:
   app.run(lambda argv: _report_failures(main, argv), flags_parser=_parse_flags)
 
 
+# Lines every run would start with that say nothing about it: (file, message start).
+_NOISE = (
+    ("/jax/_src/xla_bridge.py", "Unable to initialize backend"),  # e.g. 'tpu': no libtpu.so
+    ("/tensorflow_datasets/", "OpenCV is not installed"),  # PIL decodes the images instead
+)
+
+
 def _quiet_libraries(record: py_logging.LogRecord) -> bool:
   """Console filter: library INFO lines go; library warnings stay, without
   tracebacks; library errors go, since every one that matters reaches the
-  program as an exception and is reported in its one line."""
-  if not any(f"/{name}/" in record.pathname for name in _LIBRARIES) or _TRACEBACK.value:
+  program as an exception and is reported in its one line. Lines of
+  ``_NOISE`` go too; ``--traceback`` keeps everything."""
+  if _TRACEBACK.value:
+    return True
+  if any(path in record.pathname and str(record.msg).startswith(start) for path, start in _NOISE):
+    return False
+  if not any(f"/{name}/" in record.pathname for name in _LIBRARIES):
     return True
   record.exc_info, record.exc_text = None, None
   return record.levelno == py_logging.WARNING
@@ -87,7 +99,7 @@ def exit_now(message: str, code: int = 1) -> None:
 
 
 def _fail(message: str, show_traceback: bool, code: int = 1):
-  if show_traceback:
+  if show_traceback and sys.exc_info()[0] is not None:  # a refusal before any exception has none
     traceback.print_exc()
   if _exit_at_once:
     exit_now(message, code)
@@ -117,8 +129,8 @@ def _report_failures(main, argv):
   try:
     return main(argv)
   except KeyboardInterrupt:
-    _fail("interrupted. Rerun the same command to continue (a training run resumes from its "
-          "newest checkpoint).", _TRACEBACK.value, code=130)
+    _fail("interrupted, without saving. Rerun the same command to continue (a training run "
+          "resumes from its newest complete checkpoint).", _TRACEBACK.value, code=130)
   except (UserError, app.UsageError) as e:
     _fail(str(e), _TRACEBACK.value)
   except Exception as e:  # Not foreseen: still one line, with the way to see more.

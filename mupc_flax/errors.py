@@ -32,5 +32,28 @@ def check_writable_dir(path: str | os.PathLike, what: str) -> None:
     with tempfile.TemporaryFile(dir=existing):
       pass
   except OSError as e:
-    raise UserError(f"{what} {path} cannot be written ({existing}: {e.strerror}); choose a "
-                    "directory you can write to.") from None
+    kernel = _kernel_file_system(existing)
+    reason = (f"{existing} is in the kernel's {kernel} file system, which holds no files of yours"
+              if kernel else f"{existing}: {e.strerror}")
+    raise UserError(f"{what} {path} cannot be written ({reason}); choose a directory you can "
+                    "write to.") from None
+
+
+# File systems the kernel makes up (processes, devices, settings), never storage.
+_KERNEL_FILE_SYSTEMS = ("proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2", "debugfs",
+                        "tracefs", "securityfs", "configfs", "bpf", "pstore", "fusectl", "mqueue")
+
+
+def _kernel_file_system(path: pathlib.Path) -> str | None:
+  """The type of the kernel file system ``path`` is on (e.g. "proc"), from
+  /proc/mounts; None for storage, or where that cannot be read."""
+  try:
+    mounts = [line.split()[1:3] for line in open("/proc/mounts")]
+  except OSError:
+    return None
+  path = os.path.realpath(path)
+  # The longest mount point that contains the path is the one it is on.
+  on = [(len(point), kind) for point, kind in mounts
+        if path == point or path.startswith(point.rstrip("/") + "/")]
+  kind = max(on)[1] if on else None
+  return kind if kind in _KERNEL_FILE_SYSTEMS else None

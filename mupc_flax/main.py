@@ -3,14 +3,28 @@
     python -m mupc_flax.main --config=configs/default.py --workdir=runs/default
     python -m mupc_flax.main --config=configs/mnist_128.py --workdir=runs/128 \\
         --config.train.batch_size=128
+    python -m mupc_flax.main --config=configs/default.py:smoke --print_config
 
-Paths may be relative to the current directory. Rerunning the same command
-resumes from the newest checkpoint in --workdir. Under SLURM (srun) or Open
-MPI with several tasks, or with --coordinator_address, every process joins
-one run; otherwise this is a plain single process. Any failure ends with one
-``error:`` line (``--traceback`` adds the traceback). In a multi-process run,
-a process lost for --peer_timeout seconds stops all the others (each names
-it), and processes that do not all join within --initialization_timeout stop.
+The text after ':' in --config chains variants and overrides:
+  smoke        a tiny model for 60 steps (seconds on a CPU)
+  bp           backprop on the same network, at the paper's BP learning rate
+  sp           standard PC (η = β = 1e-2)
+  deep         the deep-inference recipe (heavy-ball momentum, T = 2H)
+  name=value   any model, train or data field, e.g. hidden_layers=32,width=256,bp
+Single fields are set with --config.<section>.<field>=value, e.g.
+--config.train.learning_rate=0.05; --print_config prints every field of the
+resolved config, and exits.
+
+Paths may be relative to the current directory. The dataset is prepared on
+first use in $TFDS_DATA_DIR, else ~/tensorflow_datasets (or
+--config.data.data_dir). Rerunning the same command resumes from the newest
+checkpoint in --workdir; SIGTERM or Ctrl-C saves the current step first.
+Under SLURM (srun) or Open MPI with several tasks, or with
+--coordinator_address, every process joins one run; otherwise this is a plain
+single process. Any failure ends with one ``error:`` line (``--traceback``
+adds the traceback). In a multi-process run, a process lost for
+--peer_timeout seconds stops all the others (each names it), and processes
+that do not all join within --initialization_timeout stop.
 """
 
 import jax
@@ -34,15 +48,22 @@ _PEER_TIMEOUT = flags.DEFINE_float(
 _INITIALIZATION_TIMEOUT = flags.DEFINE_float(
     "initialization_timeout", cluster.INITIALIZATION_TIMEOUT,
     "Multi-process runs: seconds for every process to join before each stops with an error.")
-flags.mark_flags_as_required(["config", "workdir"])
+_PRINT_CONFIG = flags.DEFINE_bool("print_config", False,
+                                  "Print the resolved config (every field --config.* can set) and exit.")
+flags.mark_flags_as_required(["config"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments {argv[1:]}: every option is a --flag=value.")
-  workdir = cli.resolve_path(_WORKDIR.value, "--workdir")
   config = _CONFIG.value
   cli.resolve_data_paths(config)
+  if _PRINT_CONFIG.value:
+    print(config.to_json_best_effort(indent=2))
+    return
+  if _WORKDIR.value is None:  # required, except to print the config
+    raise app.UsageError("Flag --workdir must have a value other than None.")
+  workdir = cli.resolve_path(_WORKDIR.value, "--workdir")
   cluster.join(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                checkpoints=checkpointing.directory(workdir), peer_timeout=_PEER_TIMEOUT.value,
                initialization_timeout=_INITIALIZATION_TIMEOUT.value)

@@ -181,7 +181,7 @@ def hessian_condition(rows: list[dict], path) -> pathlib.Path:
 
 
 _OUT = flags.DEFINE_string("out", None, "Image file to write (default: lr_transfer.png in the "
-                           "sweep folder; curves.png or cosines.png in the current directory).")
+                           "sweep folder; curves.png or cosines.png in the first WORKDIR).")
 _USAGE = ("usage: python -m mupc_flax.plots sweep SWEEP_DIR | curves WORKDIR... | cosines WORKDIR... "
           "[--out=FILE]")
 
@@ -208,7 +208,7 @@ def main(argv: list[str]) -> None:
     return
   paths = [_records(folder, "metrics.jsonl", "python -m mupc_flax.main (its --workdir)")
            for folder in folders]
-  out = cli.resolve_path(_OUT.value or f"{command}.png", "--out")
+  out = cli.resolve_path(_OUT.value or folders[0] / f"{command}.png", "--out")  # beside its input
   check_writable_dir(out.parent, "The folder of --out")
   if command == "curves":
     print(training_curves({folder.name: folder for folder in folders}, out))

@@ -7,9 +7,17 @@ is β/B_global on any number of devices, and the sum over devices of the local
 weight gradients (one ``psum``) is the global-batch gradient. The optimizer
 update then runs on the replicated weights.
 
-A train step maps (model_state, opt_state, x, y) to (model_state, opt_state,
-metrics); the states come from ``nnx.state(model)`` and
-``nnx.state(optimizer)`` and are donated: write them back with ``nnx.update``.
+A train step takes either form:
+
+- the Flax NNX one, ``metrics = step(model, optimizer, x, y)``: it updates the
+  model and the optimizer in place, so it can be called again and again (a
+  notebook's loop, run twice, keeps training);
+- the functional one, ``model_state, opt_state, metrics = step(model_state,
+  opt_state, x, y)`` with the states of ``nnx.state(model)`` and
+  ``nnx.state(optimizer)``: it *consumes* (donates) both states, whose arrays
+  are deleted, so carry on with the states it returns, and write both back
+  (``nnx.update(model, model_state); nnx.update(optimizer, opt_state)``)
+  before using the modules again. The training loop uses this form.
 """
 
 from typing import Callable, Literal, get_args
@@ -45,10 +53,20 @@ def make_train_step(model: pc.Network, optimizer: nnx.Optimizer,
       there each step also waits for its result, see ``_must_wait``.)
 
   Returns:
-    ``step(model_state, opt_state, x [B, D], y [B, C]) -> (model_state,
-    opt_state, metrics)`` with B the global batch; metrics are global batch
-    means (see ``pc.pc_inference``) plus ``update_norms`` [L], the norm of
-    each weight matrix's change in this step. ``step.lower(*args)`` gives the
+    ``step``, callable in two forms, with B the global batch:
+
+    - ``step(model, optimizer, x [B, D], y [B, C]) -> metrics``: the NNX
+      form; updates ``model`` and ``optimizer`` in place (as ``nnx.jit``'d
+      steps do) and can be called again at once.
+    - ``step(model_state, opt_state, x, y) -> (model_state, opt_state,
+      metrics)``: the functional form. It consumes (donates) ``model_state``
+      and ``opt_state``: their arrays, and so the modules they came from, are
+      deleted until ``nnx.update(model, model_state)`` and
+      ``nnx.update(optimizer, opt_state)`` write the returned states back.
+
+    Metrics are global batch means (see ``pc.pc_inference``) plus
+    ``update_norms`` [L], the norm of each weight matrix's change in this
+    step. ``step.lower(model_state, opt_state, x, y)`` gives the
     ``jax.stages.Lowered`` of each compiled part (for benchmarks).
   """
   if algorithm == "pc" and inference is None:
@@ -156,12 +174,25 @@ def make_train_step(model: pc.Network, optimizer: nnx.Optimizer,
 
   wait = _must_wait(mesh)
 
-  def train_step(model_state, opt_state, x, y):
+  def functional_step(model_state, opt_state, x, y):
     sharding.check_batch_size(x.shape[0], mesh)
     out = compiled(x)[0](model_state, opt_state, x, y)
     return jax.block_until_ready(out) if wait else out
 
-  train_step.lower = lambda model_state, opt_state, x, y: compiled(x)[1](model_state, opt_state, x, y)
+  def train_step(model, optimizer, x, y):
+    if not isinstance(model, nnx.Module):
+      return functional_step(model, optimizer, x, y)
+    if not isinstance(optimizer, nnx.Optimizer):
+      raise TypeError("train_step(model, optimizer, x, y) takes the nnx.Optimizer as its second "
+                      f"argument, got {type(optimizer).__name__}.")
+    # The modules' own arrays are donated, and replaced at once by the new ones.
+    model_state, opt_state, metrics = functional_step(nnx.state(model), nnx.state(optimizer), x, y)
+    nnx.update(model, model_state)
+    nnx.update(optimizer, opt_state)
+    return metrics
+
+  train_step.lower = lambda model_state, opt_state, x, y: compiled(x)[1](model_state, opt_state,
+                                                                          x, y)
   return train_step
 
 

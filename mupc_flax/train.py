@@ -4,13 +4,15 @@ It prepares the dataset if needed, builds the mesh, model, optimizer and
 pipelines, resumes from the newest checkpoint in ``workdir``, trains with the
 PC (or BP) step, evaluates on the whole test split, logs (process 0 only) to
 the console, ``metrics.jsonl`` and TensorBoard, and checkpoints every N steps,
-at the end and on SIGTERM.
+at the end and on SIGTERM or Ctrl-C.
 """
 
 import contextlib
 import fcntl
+import json
 import os
 import pathlib
+import shutil
 import signal
 import threading
 import time
@@ -105,28 +107,51 @@ def validate_config(config, num_devices: int, num_processes: int) -> None:
 def _preemption_notice(checkpointer: checkpointing.Checkpointer):
   """Yields ``preempted(step)``: whether the loop must save and stop after ``step``.
 
-  A single process sets a flag from its own SIGTERM handler. In a
-  multi-process run every process must stop at the same step: JAX's
+  A single process sets a flag from its own handler of SIGTERM and SIGINT
+  (Ctrl-C), so both save the current step and stop cleanly; a second Ctrl-C
+  raises KeyboardInterrupt at once, without saving. ``preempted.signal``
+  names the signal that came ("SIGTERM" or "SIGINT"), else None.
+
+  In a multi-process run every process must stop at the same step: JAX's
   preemption service caught SIGTERM in C++ when the run was joined, and makes
   the processes agree on a step, which Orbax's ``reached_preemption`` reads.
-  A Python handler would replace that C++ one, so none is installed then.
+  A Python handler would replace that C++ one, so none is installed then
+  (and Ctrl-C interrupts such a run without saving).
   """
   if jax.process_count() > 1:
     if callable(signal.getsignal(signal.SIGTERM)):
       logging.warning("A Python SIGTERM handler (%s) replaced JAX's preemption notice: a SIGTERM "
                       "will not stop this multi-process run at an agreed step.",
                       signal.getsignal(signal.SIGTERM))
-    yield checkpointer.reached_preemption
+    agreed = lambda step: checkpointer.reached_preemption(step)
+    agreed.signal = "SIGTERM"
+    yield agreed
     return
   flag = threading.Event()
+
+  def preempted(step: int) -> bool:
+    return flag.is_set()
+
+  preempted.signal = None
   if threading.current_thread() is not threading.main_thread():
-    yield lambda step: flag.is_set()
+    yield preempted
     return
-  previous = signal.signal(signal.SIGTERM, lambda signum, frame: flag.set())
+
+  def on_signal(signum, frame):
+    if signum == signal.SIGINT and preempted.signal == "SIGINT":
+      raise KeyboardInterrupt  # the second Ctrl-C: the user will not wait for the save
+    preempted.signal = preempted.signal or signal.Signals(signum).name
+    flag.set()
+    if signum == signal.SIGINT:
+      logging.warning("Ctrl-C: saving after this step, then stopping. Press Ctrl-C again to stop "
+                      "at once, without saving.")
+
+  previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
   try:
-    yield lambda step: flag.is_set()
+    yield preempted
   finally:
-    signal.signal(signal.SIGTERM, previous)
+    for s, handler in previous.items():
+      signal.signal(s, handler)
 
 
 def _summarise(window: list[dict]) -> dict:
@@ -134,13 +159,17 @@ def _summarise(window: list[dict]) -> dict:
   return {key: np.mean([m[key] for m in window], axis=0) for key in window[0]}
 
 
-def _check_finite(window: list[dict], first_step: int) -> None:
+def _check_finite(window: list[dict], first_step: int, kept_step: int | None) -> None:
+  """Raises TrainingError at the first step of ``window`` whose loss or energy
+  is not finite; ``kept_step`` is the newest checkpoint (None if there is none)."""
   for offset, m in enumerate(window):
     bad = [k for k in ("loss", "energy") if k in m and not np.all(np.isfinite(m[k]))]
     if bad:
+      kept = ("No checkpoint was saved" if kept_step is None
+              else f"The last good checkpoint, step {kept_step}, is kept")
       raise TrainingError(
           f"Non-finite {' and '.join(bad)} at step {first_step + offset + 1}: training diverged. "
-          "The last good checkpoint is kept; lower train.learning_rate or train.inference_lr.")
+          f"{kept}; lower train.learning_rate or train.inference_lr.")
 
 
 def build_model(config, spec: data.pipeline.DatasetSpec) -> pc.Network:
@@ -247,12 +276,75 @@ def _exclusive(workdir: pathlib.Path):
     yield
 
 
+def _flatten(tree: dict, prefix: str = "") -> dict:
+  """A nested dict as {"a.b": leaf}."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out |= _flatten(value, f"{prefix}{key}.")
+    else:
+      out[prefix + key] = value
+  return out
+
+
+def _config_records(workdir: pathlib.Path) -> dict[int, pathlib.Path]:
+  """The config records of a workdir by the step they start at: config.json
+  (step 0) and the config.<step>.json of resumes that changed the config."""
+  records = {0: workdir / "config.json"} if (workdir / "config.json").exists() else {}
+  for path in workdir.glob("config.*.json"):
+    if path.name.split(".")[1].isdigit():
+      records[int(path.name.split(".")[1])] = path
+  return records
+
+
+def _record_config(config, workdir: pathlib.Path, start_step: int) -> None:
+  """Writes this run's config, keeping the record of how each checkpoint was trained.
+
+  A fresh run writes ``config.json``. A resumed run compares its config with
+  the newest record up to ``start_step``; if they differ, it logs each changed
+  field and writes its own as ``config.<start_step>.json`` beside the records
+  it keeps (``config.json`` stays the first run's).
+  """
+  text = config.to_json_best_effort(indent=2)
+  records = {step: path for step, path in _config_records(workdir).items() if step <= start_step}
+  if start_step == 0 or not records:
+    (workdir / "config.json").write_text(text)
+    return
+  previous_path = records[max(records)]
+  try:
+    previous = _flatten(json.loads(previous_path.read_text()))
+  except (OSError, ValueError) as e:
+    previous = {}
+    logging.warning("Cannot read %s (%s); not comparing the config with it.", previous_path, e)
+  current = _flatten(json.loads(text))
+  changed = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
+  if not changed:
+    return
+  target = workdir / f"config.{start_step}.json"
+  target.write_text(text)
+  logging.warning(
+      "The config differs from %s, which trained the checkpoints up to step %d: %s. %s is kept; "
+      "this run's config, from step %d on, is in %s.", previous_path.name, start_step,
+      "; ".join(f"{k}: {previous.get(k, '(none)')!r} → {current.get(k, '(none)')!r}" for k in changed),
+      previous_path.name, start_step, target.name)
+
+
+def _is_empty_run(workdir: pathlib.Path) -> bool:
+  """Whether a workdir holds neither a checkpoint nor a logged metric."""
+  log = workdir / "metrics.jsonl"
+  return (checkpointing.newest_complete_step(checkpointing.directory(workdir)) is None
+          and not (log.exists() and log.stat().st_size))
+
+
 def train_and_evaluate(config, workdir: str | os.PathLike,
                        splits: tuple[data.Split, data.Split] | None = None) -> dict:
   """Trains and evaluates as ``config`` says; returns the final eval metrics,
-  or ``{"preempted_at": step}`` if a preemption notice stopped it early.
+  or ``{"preempted_at": step}`` if a preemption notice (SIGTERM, or Ctrl-C in
+  a single process) stopped it early.
 
-  Bad input raises a ``UserError`` before the workdir is created or touched.
+  Bad input raises a ``UserError`` before the workdir is created or touched;
+  a run that fails in a workdir it created, before saving a checkpoint or
+  logging a metric, removes that workdir again.
 
   Args:
     config: the config (``configs/default.py`` documents its fields).
@@ -267,43 +359,66 @@ def train_and_evaluate(config, workdir: str | os.PathLike,
   is_main = jax.process_index() == 0
   logging.info("Process %d of %d; %d devices in the mesh (%d local); workdir %s",
                jax.process_index(), jax.process_count(), mesh.size, jax.local_device_count(), workdir)
+  # The model comes first (its shapes need only the dataset's spec), so that a
+  # workdir this run cannot continue is refused before the data is loaded.
+  model = build_model(config, splits[0].spec if splits else data.SPECS[config.data.name])
+  created = is_main and not workdir.exists()
+  workdir.mkdir(parents=True, exist_ok=True)
+  try:
+    return _train(config, workdir, mesh, model, splits)
+  except BaseException:
+    if created and _is_empty_run(workdir):
+      shutil.rmtree(workdir, ignore_errors=True)  # nothing to resume or read: leave no trace
+    raise
 
-  train_split, test_split = splits or load_splits(config)
+
+def _train(config, workdir: pathlib.Path, mesh, model: pc.Network, splits) -> dict:
+  """``train_and_evaluate`` in an existing ``workdir``."""
+  is_main = jax.process_index() == 0
   batch_size = config.train.batch_size
-  steps_per_epoch = len(train_split) // batch_size
-  num_steps = config.train.num_steps or config.train.num_epochs * steps_per_epoch
-  if num_steps == 0:
-    raise TrainingError(f"The training split has {len(train_split)} examples, fewer than one "
-                        f"batch of {batch_size}; lower config.train.batch_size.")
-  eval_every = config.eval_every_steps or steps_per_epoch
-  train_iterator = iter(data.train_dataset(
-      train_split, global_batch_size=batch_size, seed=config.seed,  # endless: the loop counts
-      augment=config.data.augment, process_index=jax.process_index(),
-      process_count=jax.process_count(), prefetch=config.data.prefetch))
-
-  # Model, optimizer and compiled steps.
-  model = build_model(config, train_split.spec)
-  learning_rate = config.train.learning_rate
-  if config.train.lr_schedule == "cosine":  # from η down to 0 at the last step
-    learning_rate = optax.cosine_decay_schedule(learning_rate, num_steps)
-  optimizer = nnx.Optimizer(model, getattr(optax, config.train.optimizer)(learning_rate),
-                            wrt=nnx.Param)
-  inference = inference_of(config, model)
-  train_step = steps.make_train_step(model, optimizer, mesh, algorithm=config.train.algorithm,
-                                     inference=inference, loss=config.train.loss)
-  eval_step = steps.make_eval_step(model, mesh, loss=config.train.loss)
   # The initial weights are a function of the seed, so a resumed run has them too.
   initial_params = jax.device_get(nnx.state(model, nnx.Param))
   model_state = sharding.replicate(nnx.state(model), mesh)
-  opt_state = sharding.replicate(nnx.state(optimizer), mesh)
-
-  workdir.mkdir(parents=True, exist_ok=True)  # only now that the run can start
   with contextlib.ExitStack() as stack:
     if is_main:
       stack.enter_context(_exclusive(workdir))
     # Leaving this waits for the last save and raises if it failed: no success after a failed save.
     checkpointer = stack.enter_context(
         checkpointing.Checkpointer(checkpointing.directory(workdir), keep=config.keep_checkpoints))
+    latest = checkpointer.latest_step()
+    if latest is not None:
+      try:  # before loading the data: a workdir of another model is refused at once
+        checkpointer.check_compatible(latest, model_state)
+      except checkpointing.WorkdirError:
+        raise
+      except Exception:  # unreadable metadata: restore_latest falls back, with a warning
+        pass
+
+    train_split, test_split = splits or load_splits(config)
+    if batch_size > len(train_split):
+      raise TrainingError(f"config.train.batch_size = {batch_size} is larger than the training "
+                          f"split ({len(train_split)} examples of {config.data.name}); use at most "
+                          f"{len(train_split)}.")
+    steps_per_epoch = len(train_split) // batch_size
+    num_steps = config.train.num_steps or config.train.num_epochs * steps_per_epoch
+    eval_every = config.eval_every_steps or steps_per_epoch
+    train_iterator = iter(data.train_dataset(
+        train_split, global_batch_size=batch_size, seed=config.seed,  # endless: the loop counts
+        augment=config.data.augment, process_index=jax.process_index(),
+        process_count=jax.process_count(), prefetch=config.data.prefetch))
+
+    # Optimizer and compiled steps.
+    learning_rate = config.train.learning_rate
+    if config.train.lr_schedule == "cosine":  # from η down to 0 at the last step
+      learning_rate = optax.cosine_decay_schedule(learning_rate, num_steps)
+    optimizer = nnx.Optimizer(model, getattr(optax, config.train.optimizer)(learning_rate),
+                              wrt=nnx.Param)
+    inference = inference_of(config, model)
+    train_step = steps.make_train_step(model, optimizer, mesh, algorithm=config.train.algorithm,
+                                       inference=inference, loss=config.train.loss)
+    eval_step = steps.make_eval_step(model, mesh, loss=config.train.loss)
+    opt_state = sharding.replicate(nnx.state(optimizer), mesh)
+
     start_step = 0
     restored = checkpointer.restore_latest(model_state, opt_state, train_iterator)
     if restored is not None:
@@ -313,21 +428,29 @@ def train_and_evaluate(config, workdir: str | os.PathLike,
         logging.warning("The checkpoint was trained with seed %d, this config has %d: the data "
                         "order continues from the config's seed.", meta["seed"], config.seed)
       logging.info("Resumed from step %d of %d.", start_step, num_steps)
-      if is_main:
-        metrics.truncate_after(workdir / "metrics.jsonl", start_step)
     if is_main:
-      (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-    writer = stack.enter_context(metrics.MetricWriter(workdir, enabled=is_main))
+      # Records after the checkpoint (of a run killed after it) go: the log reads as one run.
+      metrics.truncate_after(workdir / "metrics.jsonl", start_step)
+      metrics.truncate_events_after(workdir / "tensorboard", start_step)
+      _record_config(config, workdir, start_step)
+    writer = stack.enter_context(metrics.MetricWriter(workdir, enabled=is_main, num_steps=num_steps,
+                                                      purge_step=start_step + 1 if start_step else None))
     preempted_after = stack.enter_context(_preemption_notice(checkpointer))
 
     pending: list = []  # device metrics of steps not yet checked
     window: list = []  # host metrics since the last log
-    clock = time.perf_counter()
+    # Throughput and ETA count the steps after the first: its call compiles.
+    # (A window of that first step alone is timed whole, compile included.)
+    clock, timed, window_clock = None, 0, time.perf_counter()
     last_eval = None
     for step in range(start_step, num_steps):
       batch = next(train_iterator)
       x, y = sharding.global_batch((batch["x"], batch["y"]), mesh)
       model_state, opt_state, step_metrics = train_step(model_state, opt_state, x, y)
+      if clock is None:
+        clock, timed = time.perf_counter(), 0
+      else:
+        timed += 1
       checkpointer.check_saved()  # a save that failed in the background stops the run here
       pending.append(step_metrics)
       done = step + 1
@@ -336,26 +459,31 @@ def train_and_evaluate(config, workdir: str | os.PathLike,
       save_now = final or preempted or done % config.checkpoint_every_steps == 0
       if save_now or done % config.log_every_steps == 0:
         host = jax.device_get(pending)
-        _check_finite(host, done - len(host))  # before any save: keep the last good checkpoint
+        # Before any save: keep the last good checkpoint.
+        _check_finite(host, done - len(host), checkpointer.latest_step())
         window += host
         pending = []
       if window and (final or done % config.log_every_steps == 0):
-        elapsed = time.perf_counter() - clock
         summary = _summarise(window)
-        summary["examples_per_second"] = len(window) * batch_size / elapsed
-        summary["eta_seconds"] = (num_steps - done) * elapsed / len(window)
+        counted, elapsed = ((timed, time.perf_counter() - clock) if timed
+                            else (len(window), time.perf_counter() - window_clock))
+        summary["examples_per_second"] = counted * batch_size / elapsed
+        summary["eta_seconds"] = (num_steps - done) * elapsed / counted
         writer.write(done, "train", summary)
-        window, clock = [], time.perf_counter()
+        window, clock, timed = [], time.perf_counter(), 0
+        window_clock = clock
       if final or done % eval_every == 0:
         last_eval = evaluate(eval_step, model_state, test_split, mesh, config.eval_batch_size)
         last_eval |= _layer_diagnostics(config, model, model_state, initial_params, test_split)
         writer.write(done, "eval", last_eval)
-        clock = time.perf_counter()  # evaluation time is not training throughput
+        clock, timed = time.perf_counter(), 0  # evaluation time is not training throughput
+        window_clock = clock
       if save_now:
         checkpointer.save(done, model_state, opt_state, train_iterator,
                           {"step": done, "seed": config.seed, "examples_seen": done * batch_size})
       if preempted and not final:
-        logging.warning("Preempted: saved step %d of %d; rerun the same command to resume.",
+        logging.warning("%s: saved step %d of %d; rerun the same command to resume.",
+                        "Interrupted" if preempted_after.signal == "SIGINT" else "Preempted",
                         done, num_steps)
         # No evaluation: the grace period before the kill is for saving.
         return {"preempted_at": done}

@@ -6,6 +6,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import fcntl
+import json
 import os
 import pathlib
 import re
@@ -55,6 +56,7 @@ def test_readme_main_command_runs_from_another_directory_with_relative_paths(tmp
   assert readme_env == {"MUPC_MNIST_DIR": "../shared/data/mnist"}
   assert argv[-2:] == ["--config=configs/default.py", "--workdir=runs/mnist"]
   env = dict(environment(), **readme_env, TFDS_DATA_DIR=str(tmp_path / "tfds"))
+  del env["JAX_PLATFORMS"]  # as a user runs it: JAX looks for every backend
 
   first = subprocess.run(argv + SHORT, cwd=project, env=env, capture_output=True, text=True,
                          timeout=300)
@@ -62,6 +64,9 @@ def test_readme_main_command_runs_from_another_directory_with_relative_paths(tmp
   workdir = project / "runs" / "mnist"
   assert f"workdir {workdir}" in first.stderr  # logged as the absolute path it resolved to
   assert "Traceback" not in first.stderr
+  # No noise: the libtpu backend, tfds' OpenCV hint, a "download" of local files.
+  for noise in ("libtpu", "OpenCV", "Downloading and preparing"):
+    assert noise not in first.stdout + first.stderr, noise
   assert checkpoint_steps(workdir) == [20, 40]
   assert (tmp_path / "tfds" / "mnist" / "3.0.1" / "dataset_info.json").exists()  # from ../shared
 
@@ -164,7 +169,20 @@ def _unreadable_checkpoints(s: Setup) -> list[str]:
 
 
 def _diverging(s: Setup) -> list[str]:
-  return s.main("--config.train.inference_lr=1e9", workdir=s.folder / "diverging")
+  return s.main("--config.train.learning_rate=1e4", "--config.train.inference_lr=1e4")
+
+
+def _no_data_yet(s: Setup) -> None:
+  """An unprepared data directory and an empty source folder: a run that got
+  as far as loading the data would fail on them, with another message."""
+  (s.folder / "empty").mkdir()
+  s.env["MUPC_MNIST_DIR"] = str(s.folder / "empty")
+  s.data_dir = s.folder / "unprepared"
+
+
+def _refused_before_the_data(s: Setup, *flags) -> list[str]:
+  _no_data_yet(s)
+  return s.main(*flags, workdir=s.copy_of_trained())
 
 
 def _batch_for_eight_devices(s: Setup) -> list[str]:
@@ -186,13 +204,16 @@ CASES = {
     "mistyped config field": Case(lambda s: s.main("--config.model.widht=3"),
                                   r"--config\.model\.widht: the config has no field 'widht'; did you mean 'width'\?"),
     "unknown variant": Case(lambda s: s.main(config="configs/default.py:smok"),
-                            r"Unknown config variant 'smok'; use smoke, sp, bp, deep or name=value"),
+                            r"Unknown config variant 'smok'; did you mean 'smoke'\? Use smoke, sp, bp, "
+                            r"deep or name=value"),
     "bad name=value": Case(lambda s: s.main(config="configs/default.py:width=abc"),
                            r"'width=abc': 'abc' is not a valid int"),
     "unknown name=value": Case(lambda s: s.main(config="configs/default.py:wdth=3"),
                                r"'wdth' is not a field of config\.model"),
     "config file missing": Case(lambda s: s.main(config="configs/nope.py"),
                                 r"there is no config file \S+/configs/nope\.py; give its path"),
+    "config file missing, with --traceback": Case(
+        lambda s: s.main("--traceback", config="configs/nope.py"), r"there is no config file \S+/configs/nope\.py"),
     "config file does not parse": Case(
         lambda s: s.main(config=_config_file(s, "broken.py", "def get_config(:\n")),
         r"the config file \S+broken\.py failed: SyntaxError"),
@@ -210,6 +231,9 @@ CASES = {
     "workdir is a file": Case(lambda s: s.main(workdir=s.file()), r"The workdir \S+a_file is a file, not a directory"),
     "workdir not writable": Case(lambda s: s.main(workdir="/sys/mupc_flax_test/run"),
                                  r"The workdir /sys/mupc_flax_test/run cannot be written"),
+    "workdir under /proc": Case(lambda s: s.main(workdir="/proc/mupc_flax_test/run"),
+                                r"The workdir /proc/mupc_flax_test/run cannot be written \(/proc is in the "
+                                r"kernel's proc file system, which holds no files of yours\)"),
     "data dir not writable": Case(lambda s: s.main("--config.data.data_dir=/sys/mupc_flax_test/data"),
                                   r"The data directory /sys/mupc_flax_test/data cannot be written"),
     # Datasets.
@@ -217,15 +241,20 @@ CASES = {
     "dataset files corrupt": Case(lambda s: _dataset_folder(s, corrupt=True),
                                   r"train-images-idx3-ubyte\.gz is corrupt or truncated"),
     # Runs and workdirs.
-    "diverged run": Case(_diverging, r"Non-finite energy at step 1: training diverged", needs_data=True,
-                         no_new_workdir=False),
+    # A fresh workdir of a run that saved and logged nothing is removed again.
+    "diverged run": Case(_diverging, r"Non-finite .* at step \d+: training diverged\. No checkpoint "
+                         r"was saved; lower train\.learning_rate", needs_data=True),
+    "batch larger than the training split": Case(
+        lambda s: s.main("--config.train.batch_size=100000"),
+        r"config\.train\.batch_size = 100000 is larger than the training split \(60000 examples of "
+        r"mnist\); use at most 60000\.", needs_data=True),
+    # Refused before the data is loaded (it is not even prepared here).
     "workdir of another model": Case(
-        lambda s: s.main("--config.model.hidden_layers=6", workdir=s.copy_of_trained()),
+        lambda s: _refused_before_the_data(s, "--config.model.hidden_layers=6"),
         r"holds checkpoints of a different model \(\S+: saved \(3, 64, 64\) vs now \(5, 64, 64\),",
         needs_data=True, after=lambda s: checkpoint_steps(s.folder / "trained") == [30]),
     "no readable checkpoint": Case(_unreadable_checkpoints, r"No checkpoint in \S+ is readable", needs_data=True),
-    "workdir in use": Case(lambda s: s.main(workdir=s.copy_of_trained()), r"Another run is using the workdir",
-                           needs_data=True),
+    "workdir in use": Case(_refused_before_the_data, r"Another run is using the workdir", needs_data=True),
     # The other programs.
     "prepare without a dataset": Case(lambda s: _program("mupc_flax.data", "prepare"), r"--dataset is required"),
     "prepare from a missing folder": Case(
@@ -282,7 +311,7 @@ def test_every_failure_is_one_clear_line(name, failures):
   result, setup = failures[name]
   output = result.stdout + result.stderr
   assert result.returncode == 1, output[-3000:]
-  assert "Traceback" not in output, output[-3000:]
+  assert "Traceback" not in output and "NoneType: None" not in output, output[-3000:]
   assert not re.search(r"^E\d{4} ", output, re.M), output[-3000:]  # no library error logs either
   errors = [line for line in output.splitlines() if line.startswith("error:")]
   assert len(errors) == 1 and result.stderr.strip().splitlines()[-1] == errors[0], output[-3000:]
@@ -290,3 +319,31 @@ def test_every_failure_is_one_clear_line(name, failures):
   if CASES[name].no_new_workdir:
     assert not setup.new_workdir.exists()
   assert CASES[name].after(setup)
+
+
+def test_help_lists_the_variants_and_print_config_lists_the_fields():
+  helped = subprocess.run([sys.executable, "-m", "mupc_flax.main", "--help"], cwd=REPO,
+                          env=environment(), capture_output=True, text=True, timeout=120)
+  assert "Traceback" not in helped.stderr, helped.stderr[-3000:]  # (absl's --help exits 1)
+  for variant in ("smoke", "bp", "sp", "deep", "name=value", "--print_config", "~/tensorflow_datasets"):
+    assert variant in helped.stdout, variant
+  assert re.search(r"^  smoke\s+a tiny model", helped.stdout, re.M)
+  printed = subprocess.run([sys.executable, "-m", "mupc_flax.main", "--config=configs/default.py:smoke",
+                            "--print_config"], cwd=REPO, env=environment(), capture_output=True,
+                           text=True, timeout=120)
+  assert printed.returncode == 0, printed.stderr[-3000:]
+  config = json.loads(printed.stdout)
+  assert config["train"]["num_steps"] == 60 and config["model"]["width"] == 64
+
+
+def test_plots_without_out_write_beside_their_input(tmp_path):
+  run_dir, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+  run_dir.mkdir()
+  elsewhere.mkdir()
+  (run_dir / "metrics.jsonl").write_text(json.dumps(
+      {"step": 10, "split": "eval", "pc_bp_cosines": [0.2, 0.6, 0.95]}) + "\n")
+  result = subprocess.run([sys.executable, "-m", "mupc_flax.plots", "cosines", str(run_dir)],
+                          cwd=elsewhere, env=dict(environment(), PYTHONPATH=str(REPO)),
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert (run_dir / "cosines.png").is_file() and not list(elsewhere.iterdir())

@@ -35,7 +35,7 @@ def logged(path) -> str:
 
 
 def train_steps_logged(log) -> list[int]:
-  return [int(s) for s in re.findall(r"\[train\] step (\d+):", logged(log))]
+  return [int(s) for s in re.findall(r"\[train\] step (\d+)/\d+:", logged(log))]
 
 
 def preempted_steps(log) -> list[int]:

@@ -1,7 +1,9 @@
 """The README's notebook example runs as written."""
 
+import importlib.metadata
 import pathlib
 import re
+import tomllib
 
 import numpy as np
 
@@ -15,9 +17,29 @@ def test_quick_start_example_trains():
   assert len(code.strip().splitlines()) <= 20
   namespace = {}
   exec(compile(code, str(README), "exec"), namespace)
+  # Run again, as a notebook cell is: the loop keeps training the same modules.
+  loop = re.search(r"^for step in .*\n(?:  .*\n)+", code, re.M).group(0)
+  exec(compile(loop, str(README), "exec"), namespace)
+  assert int(namespace["optimizer"].step[...]) == 40
   metrics, model, x, y, mf = (namespace[k] for k in ("metrics", "model", "x", "y", "mf"))
   assert float(metrics["loss"]) < 0.2  # 20 steps on one batch: the loss fell from ≈0.5
   assert model(x).shape == (64, 10)
   # nnx.update wrote the trained weights back: the model predicts its batch well.
   accuracy = np.mean(np.argmax(model(x), 1) == np.argmax(y, 1))
   assert accuracy > 0.9
+
+
+def test_the_tensorboard_extra_installs_tensorboard():
+  """``pip install -e '.[tensorboard]'``, as the README says, brings the viewer."""
+  project = tomllib.loads((README.parent / "pyproject.toml").read_text())["project"]
+  assert any(re.match(r"tensorboard\b", r) for r in project["optional-dependencies"]["tensorboard"])
+  assert "pip install -e '.[tensorboard]'" in README.read_text()
+
+
+def test_the_main_command_says_where_the_dataset_goes_and_the_version_is_known():
+  text = README.read_text()
+  first = text[text.index("## Two commands"):text.index("Run the tests")]
+  assert "~/tensorflow_datasets" in first and "$TFDS_DATA_DIR" in first
+  assert "--config.data.data_dir" in first
+  import mupc_flax
+  assert mupc_flax.__version__ == importlib.metadata.version("mupc_flax") != "0+unknown"

@@ -61,6 +61,35 @@ def test_train_step_matches_pc_gradients_and_adam():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_nnx_form_trains_the_modules_in_place_and_matches_the_functional_form():
+  """``step(model, optimizer, x, y)`` updates both modules in place and can be
+  called again at once, as a notebook loop run twice does; it trains exactly
+  as the donating functional form, and the two forms mix after a write-back."""
+  x, y = oracles.random_batch(5, B, D, C)
+
+  def fresh():
+    model = mf.ResidualPCN(D, N, H, C, rngs=nnx.Rngs(1))
+    optimizer = nnx.Optimizer(model, optax.adam(0.05), wrt=nnx.Param)
+    return model, optimizer, mf.make_train_step(model, optimizer, mf.make_mesh(jax.devices()[:1]),
+                                                inference=mf.Inference(H, 8.0))
+
+  model, optimizer, step = fresh()
+  for _ in range(2):  # the same cell, run twice
+    for _ in range(2):
+      metrics = step(model, optimizer, x, y)
+  assert int(optimizer.step[...]) == 4 and np.isfinite(float(metrics["loss"]))
+  reference, reference_optimizer, reference_step = fresh()
+  model_state, opt_state = nnx.state(reference), nnx.state(reference_optimizer)
+  for _ in range(4):
+    model_state, opt_state, _ = reference_step(model_state, opt_state, x, y)
+  for want, got in zip(jax.tree.leaves(model_state), jax.tree.leaves(nnx.state(model))):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  nnx.update(reference, model_state)
+  nnx.update(reference_optimizer, opt_state)
+  reference_step(reference, reference_optimizer, x, y)  # the written-back modules train on
+  assert int(reference_optimizer.step[...]) == 5
+
+
 def test_eval_step_counts_only_unmasked_rows():
   model = mf.ResidualPCN(D, N, H, C, rngs=nnx.Rngs(1))
   x, y = oracles.random_batch(3, B, D, C)

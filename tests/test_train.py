@@ -1,8 +1,10 @@
 """The training program end to end: main, configs, checkpoints, resume, faults."""
 
 import importlib.util
+import json
 import os
 import pathlib
+import re
 import signal
 import struct
 import subprocess
@@ -195,7 +197,20 @@ def test_smoke_run_writes_metrics_events_and_checkpoints(tmp_path, mnist_data_di
   scalars = tensorboard_scalars(tmp_path)
   assert [s for s, _ in scalars["train/loss"]] == [10, 20, 30, 40, 50, 60]
   np.testing.assert_allclose(scalars["eval/accuracy"][-1][1], evals[-1]["accuracy"], rtol=1e-6)
-  assert "[eval] step 60" in result.stderr  # the console log
+  assert "[eval] step 60/60" in result.stderr  # the console log
+  assert re.search(r"^I.*\[train\] step 10/60: .* eta \d+s$", result.stderr, re.M), result.stderr[-2000:]
+  assert "eta_seconds" not in result.stderr and "OpenCV" not in result.stderr
+  # The first step's compile is not throughput (before, it made the first window 10× slower).
+  assert train_records[0]["examples_per_second"] > 0.25 * train_records[1]["examples_per_second"]
+  # One TensorBoard curve per layer for each per-layer value.
+  assert [s for s, _ in scalars["train/layer_energies/5"]] == [10, 20, 30, 40, 50, 60]
+  assert {f"eval/{k}/{l}" for k in ("weight_change", "pc_bp_cosines") for l in range(1, 6)} <= set(scalars)
+  assert "train/update_norms/1" in scalars
+
+
+@pytest.mark.parametrize("seconds,text", [(0.4, "0s"), (45, "45s"), (750.4, "12m30s"), (11100, "3h05m")])
+def test_eta_is_formatted(seconds, text):
+  assert metrics.format_duration(seconds) == text
 
 
 def test_killed_run_resumes_bit_identically(tmp_path, mnist_data_dir):
@@ -232,7 +247,8 @@ def test_killed_run_resumes_bit_identically(tmp_path, mnist_data_dir):
       strip(metrics.read(tmp_path / "straight" / "metrics.jsonl"))
 
 
-def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path, mnist_data_dir):
+@pytest.mark.parametrize("signum,line", [(signal.SIGTERM, "Preempted"), (signal.SIGINT, "Interrupted")])
+def test_sigterm_and_ctrl_c_save_the_current_step_and_exit_cleanly(tmp_path, mnist_data_dir, signum, line):
   process = subprocess.Popen(command(tmp_path, mnist_data_dir, *RESUMABLE), cwd=REPO,
                              env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)
@@ -240,13 +256,27 @@ def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path, mnist_data_d
   while not (tmp_path / "checkpoints" / "50").is_dir() and time.time() < deadline:
     time.sleep(0.01)
   time.sleep(0.2)
-  process.send_signal(signal.SIGTERM)
+  process.send_signal(signum)
   _, stderr = process.communicate(timeout=120)
   assert process.returncode == 0, stderr[-3000:]
-  saved = int(stderr.split("Preempted: saved step ")[1].split()[0])
+  assert f"{line}: saved step " in stderr and "; rerun the same command to resume." in stderr
+  saved = int(stderr.split(f"{line}: saved step ")[1].split()[0])
   assert 50 < saved < 300 and checkpoint_steps(tmp_path)[-1] == saved
   # The meta item records the step the checkpoint was saved at.
   assert f'"step": {saved}' in (tmp_path / "checkpoints" / str(saved) / "meta" / "metadata").read_text()
+
+
+def test_a_second_ctrl_c_stops_at_once_without_saving():
+  """The first Ctrl-C asks the loop to save and stop; the second raises
+  KeyboardInterrupt at once (the program's one line, status 130)."""
+  with train._preemption_notice(checkpointer=None) as preempted:
+    assert not preempted(1)
+    os.kill(os.getpid(), signal.SIGINT)
+    assert preempted(2) and preempted.signal == "SIGINT"
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(1)
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
 
 
 def test_eight_devices_end_to_end_match_one(tmp_path, mnist_data_dir):
@@ -329,17 +359,32 @@ def test_slurm_script_runs_a_detected_multi_process_job(tmp_path, mnist_data_dir
 # --- Faults -------------------------------------------------------------------------
 
 
-def test_corrupt_newest_checkpoint_is_skipped(tmp_path, mnist_data_dir):
+def test_corrupt_newest_checkpoint_is_skipped_and_a_changed_config_is_recorded(tmp_path, mnist_data_dir):
+  """The rerun, with another learning rate, falls back from the unreadable
+  checkpoint 60 to 30, names the changed fields, keeps config.json beside
+  config.30.json, and drops what was logged after step 30 (from metrics.jsonl
+  and TensorBoard alike) before logging it again: each step appears once."""
   assert run(tmp_path, mnist_data_dir).returncode == 0
   for blob in (tmp_path / "checkpoints" / "60" / "model").rglob("d/*"):
     blob.write_bytes(b"garbage")
-  resumed = run(tmp_path, mnist_data_dir, "--config.train.num_steps=90")
+  resumed = run(tmp_path, mnist_data_dir, "--config.train.num_steps=90",
+                "--config.train.learning_rate=0.05")
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "Checkpoint 60" in resumed.stderr and "unreadable" in resumed.stderr
   assert "Resumed from step 30" in resumed.stderr
   assert checkpoint_steps(tmp_path) == [30, 60, 90]
   set_aside = list((tmp_path / "checkpoints.unreadable").iterdir())
   assert len(set_aside) == 1 and set_aside[0].name.startswith("60-")  # kept for inspection
+
+  assert "train.learning_rate: 0.1 → 0.05; train.num_steps: 60 → 90." in resumed.stderr
+  assert "config.json is kept; this run's config, from step 30 on, is in config.30.json" in resumed.stderr
+  kept = json.loads((tmp_path / "config.json").read_text())
+  assert kept["train"]["learning_rate"] == 0.1 and kept["train"]["num_steps"] == 60
+  assert json.loads((tmp_path / "config.30.json").read_text())["train"]["learning_rate"] == 0.05
+  steps = [s for s, _ in tensorboard_scalars(tmp_path)["train/loss"]]
+  assert sorted(steps) == list(range(10, 100, 10)), steps
+  assert [r["step"] for r in metrics.read(tmp_path / "metrics.jsonl") if r["split"] == "train"] == \
+      list(range(10, 100, 10))
 
 
 def test_non_finite_energy_stops_and_keeps_the_last_good_checkpoint(tmp_path, mnist_data_dir):

@@ -14,6 +14,7 @@ inside ``data_dir`` and is published by one atomic rename, so a failed or
 interrupted run never leaves anything that looks like a dataset.
 """
 
+import contextlib
 import dataclasses
 import gzip
 import hashlib
@@ -375,8 +376,11 @@ def _prepare_into(name, data_dir, target, manual_dir, url):
       download(name, folder, url)
     logging.info("Preparing %s from %s", name, folder)
     builder = BUILDERS[name](data_dir=tmp / "prepared", file_format="array_record")
-    builder.download_and_prepare(download_dir=tmp / "tfds_downloads",
-                                 download_config=tfds.download.DownloadConfig(manual_dir=folder))
+    # tfds prints "Downloading and preparing dataset Unknown size …" to stdout
+    # although the files are local by now: the log line above says what happens.
+    with contextlib.redirect_stdout(io.StringIO()):
+      builder.download_and_prepare(download_dir=tmp / "tfds_downloads",
+                                   download_config=tfds.download.DownloadConfig(manual_dir=folder))
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
       os.rename(tmp / "prepared" / name / target.name, target)
