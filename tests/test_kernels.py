@@ -76,3 +76,82 @@ def test_pallas_train_step_on_eight_devices_equals_the_xla_step():
     updated[kind], _, _ = step(nnx.state(model), nnx.state(optimizer), x, y)
   for a, b in zip(jax.tree.leaves(updated["xla"]), jax.tree.leaves(updated["pallas"])):
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+
+
+# Lowering the public train step for CUDA on this CPU: (precision, width, per-device
+# batch) spanning what the library accepts; 96 and 12 are not powers of two (padded
+# for Triton to 128 and 16), 8 is below Triton's 16 product rows (padded to 16).
+CUDA_SHAPES = [("float32", 128, 8), ("bfloat16", 1024, 256), ("tf32", 512, 64),
+               ("bfloat16", 256, 12), ("float32", 96, 32)]
+
+
+def lower_train_step(platform, precision, width, per_device_batch, hidden=3):
+  """The text of the public PC train step (8 devices) lowered for ``platform``."""
+  model = mf.ResidualPCN(D, width, hidden, C, hidden_products="batched", precision=precision,
+                         inference_kernel="pallas", rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, optax.adam(0.01), wrt=nnx.Param)
+  mesh = mf.make_mesh()
+  step = mf.make_train_step(model, optimizer, mesh, inference=mf.Inference(hidden, 1.0))
+  batch = per_device_batch * len(mesh.devices.flat)
+  x, y = jnp.zeros((batch, D)), jnp.zeros((batch, C))
+  traced = jax.jit(step).trace(nnx.state(model), nnx.state(optimizer), x, y)
+  return traced.lower(lowering_platforms=(platform,)).as_text()
+
+
+@pytest.mark.parametrize("precision,width,per_device_batch", CUDA_SHAPES)
+def test_train_step_lowers_for_cuda_through_triton(precision, width, per_device_batch):
+  text = lower_train_step("cuda", precision, width, per_device_batch)
+  # H = 3 under the wavefront: blocks from layers 0 and 1 are fused (two
+  # kernels each), the one from layer 2 (a single layer) is XLA's.
+  assert text.count("custom_call @__gpu$xla.gpu.triton(") == 4
+  for name in ("pc_errors", "pc_update"):
+    assert text.count(f'name = "{name}"') == 2
+  assert "mosaic_gpu" not in text
+  rows = max(per_device_batch, 16) if per_device_batch & (per_device_batch - 1) == 0 else 16
+  padded_width = 1 << (width - 1).bit_length()
+  dtype = "bf16" if precision == "bfloat16" else "f32"
+  assert f"tensor<2x{padded_width}x{padded_width}x{dtype}>" in text  # the weights Triton gets
+  assert f"x{rows}x{padded_width}xf32>" in text  # δ as Triton sees it (padded rows/units)
+
+
+def test_train_step_interprets_the_kernels_when_lowered_for_cpu():
+  text = lower_train_step("cpu", "float32", 128, 8)
+  assert "__gpu$xla.gpu.triton" not in text and "custom_call" not in text.replace(
+      "@Sharding", "").replace("@SPMDFullToShardShape", "").replace("@SPMDShardToFullShape", "")
+
+
+def test_padding_for_triton_is_exact():
+  """What Triton would run on a 12 × 96 layer (padded to 16 × 128, Triton's
+  tiling), in interpret mode, against the unpadded kernels, from given errors."""
+  rng = np.random.default_rng(8)
+  layers, batch, width, classes = 4, 12, 96, 5
+  normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  z0, start_errors, shift = normal(layers, batch, width), 0.1 * normal(layers, batch, width), \
+      0.1 * normal(batch, width)
+  weights = (normal(layers - 1, width, width) / np.sqrt(width), jnp.full((layers - 1,), 0.5))
+  readout_kernel, y = normal(width, classes) / np.sqrt(width), normal(batch, classes)
+  steps = {}
+  for padded in (False, True):
+    step = kernels.fused_step_of(jnp.tanh, lambda h: h @ readout_kernel, "float32", z0,
+                                 start_errors, shift, weights, y, lambda out, y: y - out, 2.0,
+                                 batch, interpret=True, padded_as_triton=padded)
+    d = jnp.zeros_like(z0)
+    for _ in range(3):
+      d = jax.jit(step)(d)
+    steps[padded] = d
+  assert steps[True].shape == (layers, batch, width)
+  np.testing.assert_allclose(steps[True], steps[False], rtol=1e-5, atol=1e-6)
+  assert np.abs(steps[False]).max() > 1e-2  # the steps moved δ
+
+
+def test_triton_plan_refuses_what_triton_cannot_take():
+  assert kernels.plan(64, 512) == kernels.Tiling(rows=64, columns=64, depth=32)
+  assert kernels.plan(256, 1024, jnp.bfloat16).depth == 64
+  with pytest.raises(ValueError, match="width 96 must be padded"):
+    kernels.plan(64, 96)
+  with pytest.raises(ValueError, match="batch 12 must be padded"):
+    kernels.plan(12, 128)
+  with pytest.raises(ValueError, match="at least 16 rows"):
+    kernels.plan(8, 128)
+  assert kernels.plan(12, 96, for_triton=False) == kernels.Tiling(rows=4, columns=32, depth=32)
+
