@@ -5,6 +5,12 @@ energy in test_pc.py; here the kernel must reproduce it: activities after
 inference, weight gradients, and exact zeros below the wavefront.
 """
 
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -155,3 +161,36 @@ def test_triton_plan_refuses_what_triton_cannot_take():
     kernels.plan(8, 128)
   assert kernels.plan(12, 96, for_triton=False) == kernels.Tiling(rows=4, columns=32, depth=32)
 
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_fused_kernels_compile_to_ptx_without_spills(tmp_path):
+  """benchmarks/ptx_check.py: the train step's two Triton kernels, compiled for
+  sm_90 at 256 × 32 and 512 × 128 (B = 64), fit an H100 block's shared memory
+  and do not spill. Needs the CUDA wheels (in this environment, or at
+  $MUPC_PTX_SITE, where .ci/run puts them)."""
+  site = os.environ.get("MUPC_PTX_SITE", "")
+  try:
+    importlib.metadata.version("jax-cuda12-plugin")
+  except importlib.metadata.PackageNotFoundError:
+    if not os.path.isdir(os.path.join(site, "jax_plugins")):
+      pytest.skip("the CUDA wheels (jax-cuda12-plugin, jax-cuda12-pjrt, nvidia-cuda-nvcc-cu12) "
+                  "are not installed and $MUPC_PTX_SITE names none: see benchmarks/ptx_check.py")
+  out = tmp_path / "ptx.json"
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             PYTHONPATH=os.pathsep.join(p for p in (site, ROOT, os.environ.get("PYTHONPATH")) if p))
+  done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "ptx_check.py"),
+                         "--configs=256x32,512x128", "--batch=64", "--precisions=float32,bfloat16",
+                         f"--json={out}"], env=env, capture_output=True, text=True, timeout=600)
+  if done.returncode == 2:  # the check says why it cannot run here
+    pytest.skip(done.stderr.strip().splitlines()[-1])
+  assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+  rows = json.loads(out.read_text())
+  assert {(r["config"], r["precision"], r["kernel"]) for r in rows} == {
+      (c, p, k) for c in ("256x32", "512x128") for p in ("float32", "bfloat16")
+      for k in ("pc_errors", "pc_update")}
+  for r in rows:
+    assert r["ptxas_ok"] and r["spill_stores"] == 0 and r["spill_loads"] == 0, r
+    assert 0 < r["registers"] <= 255 and 0 < r["smem_bytes"] <= 227 * 1024, r
