@@ -74,7 +74,6 @@ def missing() -> str | None:
 def triton_calls(lowered) -> list[dict]:
   """The Triton custom calls of a lowered computation: name, Triton module
   bytecode, num_warps and num_stages of each, in program order."""
-  from jax._src.interpreters import mlir
   from jax._src.lib.mlir import ir
   calls = []
 
@@ -99,7 +98,6 @@ def triton_calls(lowered) -> list[dict]:
   with module.context:
     for op in module.body.operations:
       visit(op)
-  del mlir
   return calls
 
 

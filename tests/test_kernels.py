@@ -113,8 +113,7 @@ def test_train_step_lowers_for_cuda_through_triton(precision, width, per_device_
   for name in ("pc_errors", "pc_update"):
     assert text.count(f'name = "{name}"') == 2
   assert "mosaic_gpu" not in text
-  rows = max(per_device_batch, 16) if per_device_batch & (per_device_batch - 1) == 0 else 16
-  padded_width = 1 << (width - 1).bit_length()
+  rows, padded_width = max(16, 1 << (per_device_batch - 1).bit_length()), 1 << (width - 1).bit_length()
   dtype = "bf16" if precision == "bfloat16" else "f32"
   assert f"tensor<2x{padded_width}x{padded_width}x{dtype}>" in text  # the weights Triton gets
   assert f"x{rows}x{padded_width}xf32>" in text  # δ as Triton sees it (padded rows/units)
