@@ -65,6 +65,7 @@ def tile(size: int, preferred: int = 64) -> int:
 
 
 def _next_power_of_two(n: int) -> int:
+  """The least power of two ≥ ``n`` (1 for n ≤ 1)."""
   return 1 << max(n - 1, 0).bit_length()
 
 
