@@ -1,6 +1,6 @@
 """μPC diagnostics: activity-Hessian conditioning, PC–BP agreement, coordinate
-checks and which layers learn. All work on any network of the stage protocol
-(``ResidualPCN``, ``ConvResidualPCN``) and plain arrays.
+checks and which layers learn. All work on any ``PCNetwork`` (per-layer rows
+follow its ``weight_stacks`` where it has one) and plain arrays.
 """
 
 import math

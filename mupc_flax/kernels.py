@@ -115,9 +115,10 @@ def plan(batch: int, width: int, dtype=jnp.float32, *, for_triton: bool = True) 
 
 
 # What a residual branch a·φ(z)W may be traced to for the fused step to
-# compute it: one matrix product, scaled (and cast for bfloat16 products).
+# compute it: one matrix product, scaled (and cast for bfloat16 products);
+# inside shard_map with device-varying weights, its inputs are marked varying.
 _BRANCH_PRIMITIVES = {"dot_general", "mul", "broadcast_in_dim", "reshape", "convert_element_type",
-                      "squeeze", "expand_dims"}
+                      "squeeze", "expand_dims", "pvary", "pcast"}
 
 
 def fits(network, x) -> bool:

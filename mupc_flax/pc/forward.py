@@ -11,6 +11,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import nnx, traverse_util
 
 from mupc_flax.pc import layouts
 
@@ -120,10 +121,15 @@ def predictions(network, stages: tuple, x: jax.Array) -> tuple:
 def weight_stacks(network, params) -> list[jax.Array]:
   """The network's ``weight_stacks`` of ``params`` (an ``nnx.State`` or pure
   dict of its ``nnx.Param``s, or a gradient shaped like them); without one,
-  every parameter array is one row, in path order."""
+  every ``nnx.Param`` array is one row, in path order."""
   if hasattr(network, "weight_stacks"):
     return network.weight_stacks(params)
-  return [leaf.reshape(1, -1) for leaf in jax.tree.leaves(params)]
+  # Picked by the network's own Param paths: a whole model state holds the
+  # premultipliers too, and an update's State does not say which is which.
+  flat = traverse_util.flatten_dict(nnx.to_pure_dict(params) if isinstance(params, nnx.State)
+                                    else params)
+  wanted = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(network, nnx.Param)))
+  return [jnp.reshape(flat[path], (1, -1)) for path in wanted]
 
 
 __all__ = ["hidden_layers", "as_stages", "public_form", "is_stacked", "cut", "residual_weights",

@@ -2,9 +2,11 @@
 
 From the feed-forward start z⁰, inference takes up to T steps of an
 optimiser on the activities (the paper: plain gradient descent,
-z ← z − β ∂F/∂z, T = H). The engine sees every network through the stage
-protocol (``model``): a stack of stages, each an entry layer and residual
-layers of one shape; the dense network is the one-stage case.
+z ← z − β ∂F/∂z, T = H). The engine sees every network through the
+``PCNetwork`` protocol: a stack of stages, each an entry layer and residual
+layers of one shape; the dense network is the one-stage case. How it
+computes (layout, unrolling, closed form or vector–Jacobian products, the
+Pallas kernel) is the ``Plan`` of ``Inference.engine`` for the network.
 
 It tracks the activities as deviations δ = z − z⁰ from their start and the
 errors as e_ℓ = e⁰_ℓ + δ_ℓ − δ_{ℓ-1} − a_ℓ (φ(z_{ℓ-1}) − φ(z⁰_{ℓ-1})) W_ℓ.
