@@ -31,7 +31,7 @@ B = 8
 # name -> (config.model fields, the config.model fields of the CLI smoke run on MNIST).
 NETWORKS = {
     "dense": (dict(width=16, hidden_layers=4), dict(kind="dense")),
-    "conv": (dict(width=8, stages=2, residual_layers=1), dict(kind="conv")),
+    "conv": (dict(width=8, stages=2, residual_layers=1), dict(kind="conv", stem_stride=2)),
     "transformer": (dict(width=8, blocks=1, patch_size=4, heads=2), dict(kind="transformer")),
     "mixer": (dict(width=8, blocks=2, patch_size=4), dict(kind="examples.mixer:KIND")),
 }

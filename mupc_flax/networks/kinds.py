@@ -57,7 +57,8 @@ def get(kind: str) -> NetworkKind:
     module_name, attribute = kind.split(":", 1)
   else:
     raise ValueError(f"Unknown network kind {kind!r}; choose one of {list(BUILT_IN)} or name a "
-                     "factory of your own as 'module:function' (e.g. 'examples.mixer:KIND').")
+                     "factory of your own as 'module:function' (e.g. "
+                     "'my_networks.mixer:make_network').")
   try:
     module = importlib.import_module(module_name)
   except ImportError as e:
