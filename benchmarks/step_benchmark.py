@@ -7,7 +7,10 @@
 
 WIDTHxHIDDEN is the dense network; convCxR the convolutional one of
 configs/mnist_conv.py on 28×28×1 images: a stride-2 stem, then 3 stages of
-C, 2C and 4C channels (14×14, 7×7, 4×4) with R residual layers each.
+C, 2C and 4C channels (14×14, 7×7, 4×4) with R residual layers each;
+vitDxK the transformer of configs/mnist_transformer.py (7×7 patches, width D,
+K blocks, 4 heads), whose inference takes the general path (``jax.grad`` of
+the energy; its FLOPs are not counted).
 
 One step = feed-forward start + T = H inference steps + Adam update, μPC,
 ReLU, batch 64 (MUPC.md's recipe). For every config, all variants are timed
@@ -107,7 +110,7 @@ def inference_bytes(model, batch: int, blocks, fused: bool) -> float:
   ../shared/reference/GPU.md lists that body). The rest of the step (feed-
   forward, weight gradient, Adam) is a few passes over the weights and is left out.
   """
-  if isinstance(model, mf.ConvResidualPCN):
+  if not isinstance(model, mf.ResidualPCN):
     return float("nan")
   n, weight_bytes = model.width, jnp.dtype(PRECISIONS[model.precision][0]).itemsize
   per_layer_step = 2 * n * n * weight_bytes + (9 if fused else 16) * batch * n * 4
@@ -132,6 +135,8 @@ def step_flops(entry: float, branch: list[float], readout: float, blocks, algori
 
 def layer_flops(model, batch: int) -> tuple[float, list[float], float]:
   """(entry, branch per hidden layer, readout) product FLOPs of ``model``."""
+  if isinstance(model, mf.TransformerPCN):
+    return float("nan"), [float("nan")] * model.hidden_layers, float("nan")
   if isinstance(model, mf.ConvResidualPCN):
     shapes = [s.shape for s in jax.eval_shape(model.feedforward, jnp.zeros((batch, IN_FEATURES)))]
     costs = []
@@ -154,7 +159,11 @@ def _batch(batch: int):
 
 
 def build(config: str, **model_options):
-  """The network of a config name: WIDTHxHIDDEN (dense) or convCxR."""
+  """The network of a config name: WIDTHxHIDDEN (dense), convCxR or vitDxK."""
+  if config.startswith("vit"):
+    width, blocks = map(int, config[3:].split("x"))
+    return mf.TransformerPCN((28, 28, 1), 7, width, blocks, CLASSES, rngs=nnx.Rngs(0),
+                             **model_options)
   if config.startswith("conv"):
     channels, residual = map(int, config[4:].split("x"))
     return mf.ConvResidualPCN((28, 28, 1), (channels, 2 * channels, 4 * channels), residual,
@@ -191,7 +200,9 @@ def ours(name, config, batch, mesh, *, algorithm="pc", engine=None, steps_per_la
     jax.block_until_ready(metrics)
     return model_state, opt_state
 
-  blocks = inference.blocks(hidden) if inference else ()
+  # An older mupc_flax (timed by compare_commits.py --script=new) calls it ``blocks``.
+  phases_for = getattr(inference, "phases_for", None) or getattr(inference, "blocks", None)
+  blocks = phases_for(hidden) if inference else ()
   moved = (inference_bytes(model, batch, blocks, inference.engine.kernel == "pallas")
            if inference else float("nan"))
   return Variant(name, run, state, step_flops(*layer_flops(model, batch), blocks, algorithm),
@@ -258,9 +269,9 @@ def main():
   rows = []
   for config in args.configs.split(","):
     config, b = config.lower(), args.batch
-    conv = config.startswith("conv")
+    conv, dense = config.startswith("conv"), not config.startswith(("conv", "vit"))
     variants = [ours("mupc_flax", config, b, mesh)]
-    if not args.no_reference and not conv:  # the reference design is dense only
+    if not args.no_reference and dense:  # the reference design is dense only
       width, hidden = map(int, config.split("x"))
       variants += [reference("reference, fully jitted", width, hidden, b, host_loop=False),
                    reference("reference, host loop", width, hidden, b, host_loop=True)]
@@ -279,7 +290,7 @@ def main():
                engine=dict(gradient_layout="stacked")),
           ours("lever: stacked products", config, b, mesh, engine=dict(layout="stacked")),
       ]
-    elif args.levers:
+    elif args.levers and dense:
       hidden = build(config).hidden_layers
       variants += [
           ours("lever: plain schedule", config, b, mesh, schedule="plain"),

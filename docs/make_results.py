@@ -234,7 +234,8 @@ def main():
   results["hessian_training"] = hessian_during_training(workdir, splits, data_dir)
   results["coordinate_check"] = {
       p: {w: v.tolist() for w, v in diagnostics.coordinate_check(
-          (64, 128, 256, 512, 1024), 8, x, y, parameterization=p, steps=3).items()}
+          lambda width, **kw: mf.ResidualPCN(x.shape[1], width, 8, y.shape[1], **kw),
+          (64, 128, 256, 512, 1024), x, y, parameterization=p, steps=3).items()}
       for p in ("mupc", "sp")}
   results["cosine"] = cosine_study()
   saved.write_text(json.dumps(results, indent=1, default=float))

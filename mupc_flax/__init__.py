@@ -20,8 +20,9 @@ from mupc_flax.networks.layers import ACTIVATIONS, Dense, Premultiplier
 from mupc_flax.networks.protocol import PCNetwork
 from mupc_flax.networks.transformer import TransformerPCN
 from mupc_flax.parameterization import PARAMETERIZATIONS, Parameterization
-from mupc_flax.pc import (Engine, Inference, bp_gradients, energy, feedforward, infer,
-                          layer_energies, output_losses, pc_gradients, predict, wavefront_phases)
+from mupc_flax.pc import (LOSSES, Engine, Inference, OutputLoss, bp_gradients, energy,
+                          feedforward, infer, layer_energies, pc_gradients, predict,
+                          wavefront_phases)
 from mupc_flax.sharding import global_batch, make_mesh
 from mupc_flax.steps import make_eval_step, make_train_step
 
@@ -33,8 +34,8 @@ except _metadata.PackageNotFoundError:  # imported from a source tree that is no
 __all__ = [
     "ACTIVATIONS", "Conv", "ConvResidualPCN", "Dense", "NetworkKind", "PCNetwork",
     "Premultiplier", "ResidualPCN", "PARAMETERIZATIONS", "Parameterization",
-    "Engine", "Inference", "bp_gradients", "energy", "feedforward", "infer", "layer_energies",
-    "output_losses", "pc_gradients", "predict", "wavefront_phases",
+    "LOSSES", "Engine", "Inference", "OutputLoss", "bp_gradients", "energy", "feedforward",
+    "infer", "layer_energies", "pc_gradients", "predict", "wavefront_phases",
     "global_batch", "make_mesh",
     "make_eval_step", "make_train_step",
     "TransformerPCN",

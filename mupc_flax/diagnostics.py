@@ -15,7 +15,6 @@ from jax.flatten_util import ravel_pytree
 
 from mupc_flax import pc
 from mupc_flax.pc import forward
-from mupc_flax.networks.dense import ResidualPCN
 
 DENSE_LIMIT = 8192  # activities of one sample up to which the Hessian is formed explicitly
 
@@ -173,30 +172,26 @@ def activity_rms(model: pc.Network, x: jax.Array) -> np.ndarray:
 
 @nnx.jit  # one compilation: eagerly, each convolution of a new shape compiles on its own
 def _activity_rms(model: pc.Network, x: jax.Array) -> jax.Array:
-  stages = forward.as_stages(model, pc.feedforward(model, x))
+  stages = forward.as_stages(pc.feedforward(model, x))
   rms = [jnp.sqrt(jnp.mean(jnp.square(z), axis=tuple(range(1, z.ndim)))) for z in stages]
   outputs = model.readout(model.phi(stages[-1][-1]))
   return jnp.append(jnp.concatenate(rms), jnp.sqrt(jnp.mean(jnp.square(outputs))))
 
 
-def coordinate_check(widths, hidden_layers: int, x: jax.Array, y: jax.Array, *,
-                     parameterization: str, steps: int = 3, learning_rate: float = 0.1,
-                     inference_lr: float = 0.5, activation: str = "relu", seed: int = 0,
-                     make_model: Callable[..., pc.Network] | None = None) -> dict:
+def coordinate_check(make_model: Callable[..., pc.Network], widths, x: jax.Array, y: jax.Array,
+                     *, parameterization: str, steps: int = 3, learning_rate: float = 0.1,
+                     inference_lr: float = 0.5, seed: int = 0) -> dict:
   """Per-layer activity RMS after 0 … ``steps`` PC training steps, at each width.
 
   The muP "coordinate check": under a width-stable parameterisation every
-  curve is flat in width. ``make_model(width, parameterization=, activation=,
-  rngs=)`` builds the network at a width (for a convolutional network, its
-  channels); default a dense ``ResidualPCN`` with ``hidden_layers``. T = the
-  network's hidden layers. Returns {width: [steps + 1, H + 1] array}.
+  curve is flat in width. ``make_model(width, parameterization=, rngs=)``
+  builds the network at a width (for a convolutional network, its channels),
+  e.g. ``lambda width, **kw: mupc_flax.ResidualPCN(784, width, 8, 10, **kw)``.
+  T = the network's hidden layers. Returns {width: [steps + 1, H + 1] array}.
   """
-  if make_model is None:
-    make_model = lambda width, **kw: ResidualPCN(x.shape[1], width, hidden_layers, y.shape[1], **kw)
   out = {}
   for width in widths:
-    model = make_model(width, parameterization=parameterization, activation=activation,
-                       rngs=nnx.Rngs(seed))
+    model = make_model(width, parameterization=parameterization, rngs=nnx.Rngs(seed))
     inference = pc.Inference(pc.hidden_layers(model), inference_lr)
 
     @nnx.jit

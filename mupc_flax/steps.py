@@ -43,7 +43,7 @@ def make_train_step(model: pc.Network, optimizer: nnx.Optimizer,
     mesh: a 1-D ``data`` mesh; default all devices.
     algorithm: "pc" (inference, then ∂F/∂W) or "bp" (backprop on the loss).
     inference: T, β and schedule; required for "pc".
-    loss: "mse" or "ce".
+    loss: the output energy: "mse", "ce" or a ``pc.OutputLoss``.
     split: PC only: compile inference and the weight update as two functions
       (dispatched back to back, no host sync) rather than one. On XLA's CPU
       runtime a compiled loop runs up to 2× slower when work follows it in the
@@ -109,7 +109,7 @@ def make_train_step(model: pc.Network, optimizer: nnx.Optimizer,
       # (jax.grad then inserts no implicit sum), so one explicit psum serves
       # the closed-form PC gradients and the backprop ones alike.
       model = nnx.merge(model_def, jax.lax.pcast(model_state, sharding.DATA_AXIS, to="varying"))
-      grads = pc.pc_weight_gradients(model, x, result, global_batch_size(x), inference.engine)
+      grads = pc.pc_weight_gradients(model, x, result, inference.engine)
       return jax.lax.psum(grads, sharding.DATA_AXIS)
 
     def local_gradients(model_state, x, y):
@@ -222,7 +222,7 @@ def make_eval_step(model: pc.Network, mesh: jax.sharding.Mesh | None = None, *,
   def local_sums(model_state, x, y, mask):
     outputs = pc.predict(nnx.merge(model_def, model_state), x)
     correct = jnp.argmax(outputs, -1) == jnp.argmax(y, -1)
-    sums = {"loss": jnp.sum(mask * pc.output_losses(outputs, y, loss)),
+    sums = {"loss": jnp.sum(mask * pc.loss_of(loss)(outputs, y)),
             "correct": jnp.sum(mask * correct), "count": jnp.sum(mask)}
     return jax.lax.psum(sums, sharding.DATA_AXIS)
 

@@ -39,7 +39,7 @@ _CHOICES = {
     "engine.layout": get_args(pc.options.Layout),
     "engine.kernel": get_args(pc.options.Kernel),
     "train.algorithm": get_args(steps.Algorithm),
-    "train.loss": get_args(pc.Loss),
+    "train.loss": tuple(pc.LOSSES),
     "train.schedule": get_args(pc.Schedule),
     "train.inference_optimizer": get_args(pc.Optimizer),
     "train.lr_schedule": ("constant", "cosine"),

@@ -38,7 +38,7 @@ NETWORKS = {
 KIND_OF = {"dense": "dense", "conv": "conv", "transformer": "transformer",
            "mixer": "examples.mixer:KIND"}
 ENGINES = {"auto": mf.Engine(), "per_layer": mf.Engine(layout="per_layer"),
-           "vjp": mf.Engine(closed_form=False)}
+           "general": mf.Engine(closed_form=False)}
 
 
 def build(name, seed=0, **fields):
@@ -108,7 +108,7 @@ def test_energy_matches_the_oracle(name, loss):
 @pytest.mark.parametrize("name", NETWORKS)
 def test_activity_step_is_gradient_descent_on_the_oracle(name):
   """One plain step from given activities is z − β ∂F/∂z of the oracle, on
-  every path: the closed form, per layer, and vector–Jacobian products."""
+  every path: the closed form, per layer, and the general path (jax.grad of the energy)."""
   net, (x, y) = build(name), batch(3)
   z, lr = perturbed_start(net, x, 4), 0.5 * B
   grad = jax.grad(oracle_energy, argnums=1)(net, z, x, y)
@@ -140,15 +140,18 @@ def test_wavefront_equals_plain_and_keeps_zeros_below_the_front(name, optimizer)
   hidden = mf.pc.hidden_layers(net)
   layers = lambda z: [np.asarray(layer) for stage in stages_of(z) for layer in stage]
   z0 = layers(mf.feedforward(net, x))
-  # Inside the front, and (for one optimiser: the same loop) past it.
+  # Inside the front, and (for one optimiser: the same loop) past it. A network
+  # of linear branches runs the closed form; for gd, also the general path.
+  general = [ENGINES["general"]] if optimizer == "gd" and getattr(net, "linear_branches", False) else []
   for steps in (2, hidden + 2) if optimizer == "gd" else (2,):
-    plain, front = (mf.infer(net, x, y, mf.Inference(steps, schedule=schedule, phases=2,
-                                                     **OPTIMIZERS[optimizer]))
-                    for schedule in ("plain", "wavefront"))
-    assert_trees_close(front, plain, rtol=1e-5)
-    moved = np.array([np.abs(a - b).max() for a, b in zip(layers(front), z0)])
-    if steps < hidden:  # exactly the top `steps` layers moved
-      assert np.all(moved[:hidden - steps] == 0) and np.all(moved[hidden - steps:] > 0), moved
+    plain = mf.infer(net, x, y, mf.Inference(steps, schedule="plain", **OPTIMIZERS[optimizer]))
+    for engine in [ENGINES["auto"]] + general:
+      front = mf.infer(net, x, y, mf.Inference(steps, schedule="wavefront", phases=2,
+                                               engine=engine, **OPTIMIZERS[optimizer]))
+      assert_trees_close(front, plain, rtol=1e-5)
+      moved = np.array([np.abs(a - b).max() for a, b in zip(layers(front), z0)])
+      if steps < hidden:  # exactly the top `steps` layers moved
+        assert np.all(moved[:hidden - steps] == 0) and np.all(moved[hidden - steps:] > 0), moved
 
 
 @pytest.mark.parametrize("name", NETWORKS)
@@ -178,10 +181,10 @@ def test_coordinate_check_is_flat_in_width_under_mupc(name):
   factor 2 when the width grows 4×."""
   x, y = batch(7, size=16)
   width = NETWORKS[name][0]["width"]
-  make = lambda width, parameterization, activation, rngs: kinds.get(KIND_OF[name]).make(
+  make = lambda width, parameterization, rngs: kinds.get(KIND_OF[name]).make(
       SPEC, rngs=rngs, **(NETWORKS[name][0] | dict(width=width, parameterization=parameterization)))
-  rms = diagnostics.coordinate_check((width, 4 * width), 0, x, y, parameterization="mupc", steps=3,
-                                     make_model=make)
+  rms = diagnostics.coordinate_check(make, (width, 4 * width), x, y, parameterization="mupc",
+                                     steps=3)
   ratio = rms[4 * width][-1] / rms[width][-1]
   assert np.all((ratio > 0.5) & (ratio < 2.0)), ratio
 

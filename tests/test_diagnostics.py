@@ -69,8 +69,9 @@ def test_pc_bp_cosine_wide_versus_deep_narrow():
 
 def test_coordinate_check_flat_under_mupc_not_under_sp():
   x, y = oracles.random_batch(0, 32, 20, 10)
-  mupc = diagnostics.coordinate_check((64, 256), 4, x, y, parameterization="mupc", steps=3)
-  sp = diagnostics.coordinate_check((64, 256), 4, x, y, parameterization="sp", steps=3)
+  make = lambda width, **kw: mf.ResidualPCN(20, width, 4, 10, **kw)
+  mupc = diagnostics.coordinate_check(make, (64, 256), x, y, parameterization="mupc", steps=3)
+  sp = diagnostics.coordinate_check(make, (64, 256), x, y, parameterization="sp", steps=3)
   assert mupc[64].shape == (4, 5)  # steps 0…3 × (4 hidden layers + output)
   ratio = lambda r: r[256][-1] / r[64][-1]  # per layer, after the last step
   assert np.all((ratio(mupc) > 0.5) & (ratio(mupc) < 2.0)), ratio(mupc)

@@ -20,7 +20,7 @@ from flax import nnx
 
 import mupc_flax as mf
 import oracles
-from mupc_flax import kernels
+from mupc_flax.pc import pallas_step
 
 # Width 96 tiles into three 32-column tiles, each product summed over three
 # 32-row chunks: the kernels' tiling is exercised, not one whole block.
@@ -36,7 +36,7 @@ def make_model(activation):
 
 
 def test_tile_is_the_largest_power_of_two_dividing_the_width():
-  assert [kernels.tile(n) for n in (96, 512, 12, 7, 128)] == [32, 64, 4, 1, 64]
+  assert [pallas_step.tile(n) for n in (96, 512, 12, 7, 128)] == [32, 64, 4, 1, 64]
 
 
 @pytest.mark.parametrize("schedule,loss,activation", [("wavefront", "mse", "relu"),
@@ -143,7 +143,7 @@ def test_padding_for_triton_is_exact():
   readout_kernel, y = normal(width, classes) / np.sqrt(width), normal(batch, classes)
   steps = {}
   for padded in (False, True):
-    step = kernels.fused_step_of(jnp.tanh, lambda h: h @ readout_kernel, "float32", z0,
+    step = pallas_step.fused_step_of(jnp.tanh, lambda h: h @ readout_kernel, "float32", z0,
                                  start_errors, shift, weights, y, lambda out, y: y - out, 2.0,
                                  batch, interpret=True, padded_as_triton=padded)
     d = jnp.zeros_like(z0)
@@ -156,15 +156,15 @@ def test_padding_for_triton_is_exact():
 
 
 def test_triton_plan_refuses_what_triton_cannot_take():
-  assert kernels.plan(64, 512) == kernels.Tiling(rows=64, columns=64, depth=32)
-  assert kernels.plan(256, 1024, jnp.bfloat16).depth == 64
+  assert pallas_step.tiling_for(64, 512) == pallas_step.Tiling(rows=64, columns=64, depth=32)
+  assert pallas_step.tiling_for(256, 1024, jnp.bfloat16).depth == 64
   with pytest.raises(ValueError, match="width 96 must be padded"):
-    kernels.plan(64, 96)
+    pallas_step.tiling_for(64, 96)
   with pytest.raises(ValueError, match="batch 12 must be padded"):
-    kernels.plan(12, 128)
+    pallas_step.tiling_for(12, 128)
   with pytest.raises(ValueError, match="at least 16 rows"):
-    kernels.plan(8, 128)
-  assert kernels.plan(12, 96, for_triton=False) == kernels.Tiling(rows=4, columns=32, depth=32)
+    pallas_step.tiling_for(8, 128)
+  assert pallas_step.tiling_for(12, 96, for_triton=False) == pallas_step.Tiling(rows=4, columns=32, depth=32)
 
 
 

@@ -82,12 +82,26 @@ def test_pc_gradients_match_step_by_step_reference(loss, activation, schedule):
 
 
 @pytest.mark.parametrize("loss", ["mse", "ce"])
-def test_output_errors_are_negative_loss_gradient(loss):
+def test_output_losses_and_errors_match_their_closed_forms(loss):
   rng = np.random.default_rng(0)
-  outputs = jnp.asarray(rng.standard_normal((B, C)), jnp.float32)
-  y = jnp.asarray(rng.random((B, C)), jnp.float32)  # Not one-hot: the general case.
-  ref = -jax.grad(lambda o: jnp.sum(mf.output_losses(o, y, loss)))(outputs)
-  np.testing.assert_allclose(mf.pc.output_errors(outputs, y, loss), ref, rtol=1e-5, atol=1e-6)
+  outputs = rng.standard_normal((B, C))
+  y = rng.random((B, C))  # Not one-hot: the general case.
+  if loss == "mse":
+    ref_value, ref_error = 0.5 * np.sum((y - outputs) ** 2, -1), y - outputs
+  else:
+    shifted = outputs - outputs.max(-1, keepdims=True)
+    log_softmax = shifted - np.log(np.sum(np.exp(shifted), -1, keepdims=True))
+    ref_value = -np.sum(y * log_softmax, -1)
+    ref_error = y - y.sum(-1, keepdims=True) * np.exp(log_softmax)
+  output_loss = mf.pc.loss_of(loss)
+  o, t = jnp.asarray(outputs, jnp.float32), jnp.asarray(y, jnp.float32)
+  np.testing.assert_allclose(output_loss(o, t), ref_value, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(output_loss.error(o, t), ref_error, rtol=1e-5, atol=1e-6)
+
+
+def test_unknown_loss_names_the_choices():
+  with pytest.raises(ValueError, match=r"Unknown loss 'l1'; choose one of \['mse', 'ce'\]"):
+    mf.pc.loss_of("l1")
 
 
 @pytest.mark.parametrize("activation", ["linear", "relu", "tanh", "gelu"])

@@ -5,7 +5,7 @@ feed-forward start (the paper: T steps of z ← z − β ∂F/∂z); learning ta
 ∂F/∂W at the final activities. One engine serves every network of the
 ``PCNetwork`` protocol (``mupc_flax.networks.protocol``). It is split by concern:
 
-- ``energy``: F, its per-layer terms and the output errors;
+- ``energy``: F, defined once (``energy_terms``), and the output losses;
 - ``forward``: what the engine derives from a network (depth, forms of the
   activities, the feed-forward pass);
 - ``options``: the engine's choices (``Engine``: layouts, unrolling, closed
@@ -13,11 +13,13 @@ feed-forward start (the paper: T steps of z ← z − β ∂F/∂z); learning ta
 - ``inference``: ``Inference`` (optimiser, schedule, stop), ``infer`` and
   ``pc_inference``, exact below the wavefront;
 - ``gradients``: PC weight gradients at the end of inference, and BP's;
-- ``layouts``: the two ways a stage's layers are held (stacked, per layer).
+- ``layouts``: the two ways a stage's layers are held (stacked, per layer);
+- ``pallas_step``: the fused Pallas inference step of a dense stage (opt-in).
 """
 
-from mupc_flax.pc.energy import (Loss, Network, count_correct, energy, layer_energies,
-                                 output_errors, output_losses)
+from mupc_flax.pc.energy import (CROSS_ENTROPY, LOSSES, MSE, Loss, Network, OutputLoss,
+                                 count_correct, energy, energy_gradients, energy_terms,
+                                 layer_energies, loss_of)
 from mupc_flax.pc.forward import feedforward, hidden_layers, predict
 from mupc_flax.pc.gradients import bp_gradients, pc_gradients, pc_weight_gradients
 from mupc_flax.pc.inference import (Inference, InferenceResult, Optimizer, Schedule, infer,
@@ -25,8 +27,8 @@ from mupc_flax.pc.inference import (Inference, InferenceResult, Optimizer, Sched
 from mupc_flax.pc.options import Engine, Plan, plan
 
 __all__ = [
-    "Loss", "Network", "count_correct", "energy", "layer_energies", "output_errors",
-    "output_losses", "feedforward", "hidden_layers", "predict", "bp_gradients", "pc_gradients",
+    "CROSS_ENTROPY", "LOSSES", "MSE", "Loss", "Network", "OutputLoss", "count_correct", "energy",
+    "energy_gradients", "energy_terms", "layer_energies", "loss_of", "feedforward", "hidden_layers", "predict", "bp_gradients", "pc_gradients",
     "pc_weight_gradients", "Inference", "InferenceResult", "Optimizer", "Schedule", "infer",
     "pc_inference", "wavefront_phases", "Engine", "Plan", "plan",
 ]

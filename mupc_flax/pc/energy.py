@@ -1,17 +1,23 @@
-"""The energy of a predictive coding network and its output terms.
+"""The energy of a predictive coding network: its one definition, and the losses.
 
 The energy of a batch, averaged over its B samples (B is the *global* batch
 when the batch is split over devices):
 
-    F = (1/B) Σ_i [ Σ_{ℓ=1..H} ½‖e_ℓ‖² + ℓ_out(y, μ_L) ],   e_ℓ = z_ℓ − μ_ℓ,
+    F = (1/B) Σ_i [ Σ_{ℓ=1..H} ½‖e_ℓ‖² + ℓ_out(μ_L, y) ],   e_ℓ = z_ℓ − μ_ℓ.
 
-with ℓ_out = ½‖y − μ_L‖² ("mse") or −Σ_c y_c log softmax(μ_L)_c ("ce").
+``energy_terms`` is that sum, term by term, over the errors and the outputs;
+everything else derives from it: ``layer_energies`` and ``energy`` at given
+activities, the general path of inference (``jax.grad`` of it over the
+activities) and the weight gradients (its gradient over the predictions,
+pulled back through the network). The output loss ℓ_out is an ``OutputLoss``,
+one function per sample; its error −∂ℓ_out/∂μ_L is ``jax.grad`` of it.
 Shapes: x [B, D], y [B, C], and z in the public form of ``pc.forward``
 (per stage [1 + R_s, B, ...]; one stage: that array, [H, B, N] for the dense
 ``ResidualPCN``).
 """
 
-from typing import Literal
+import dataclasses
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -22,30 +28,72 @@ from mupc_flax.pc import forward, layouts
 # Any network of the ``PCNetwork`` protocol.
 Network = PCNetwork
 
-Loss = Literal["mse", "ce"]
+
+@dataclasses.dataclass(frozen=True)
+class OutputLoss:
+  """An output energy ℓ_out, defined once by its value per sample.
+
+  Attributes:
+    name: what configs call it ("mse", "ce").
+    per_sample: (outputs μ_L [B, C], targets y [B, C]) -> ℓ_out [B].
+  """
+
+  name: str
+  per_sample: Callable[[jax.Array, jax.Array], jax.Array]
+
+  def __call__(self, outputs: jax.Array, y: jax.Array) -> jax.Array:
+    """ℓ_out of each sample [B]."""
+    return self.per_sample(outputs, y)
+
+  def error(self, outputs: jax.Array, y: jax.Array) -> jax.Array:
+    """The output error ε = −∂ℓ_out/∂μ_L [B, C] (``jax.grad`` of ``per_sample``)."""
+    return -jax.grad(lambda o: jnp.sum(self.per_sample(o, y)))(outputs)
 
 
-def output_losses(outputs: jax.Array, y: jax.Array, loss: Loss) -> jax.Array:
-  """Per-sample output loss [B] of outputs μ_L [B, C] against targets y [B, C]."""
-  if loss == "mse":
-    return 0.5 * jnp.sum(jnp.square(y - outputs), axis=-1)
-  if loss == "ce":
-    return -jnp.sum(y * jax.nn.log_softmax(outputs, axis=-1), axis=-1)
-  raise ValueError(f"Unknown loss {loss!r}; choose 'mse' or 'ce'.")
+MSE = OutputLoss("mse", lambda outputs, y: 0.5 * jnp.sum(jnp.square(y - outputs), axis=-1))
+CROSS_ENTROPY = OutputLoss(
+    "ce", lambda outputs, y: -jnp.sum(y * jax.nn.log_softmax(outputs, axis=-1), axis=-1))
+LOSSES = {loss.name: loss for loss in (MSE, CROSS_ENTROPY)}
+
+# A loss by its name in ``LOSSES`` or as an ``OutputLoss`` of one's own.
+Loss = str | OutputLoss
 
 
-def output_errors(outputs: jax.Array, y: jax.Array, loss: Loss) -> jax.Array:
-  """The output error −∂ℓ_out/∂μ_L [B, C]: y − μ_L (mse), y − Σy·softmax(μ_L) (ce)."""
-  if loss == "mse":
-    return y - outputs
-  if loss == "ce":
-    return y - jnp.sum(y, -1, keepdims=True) * jax.nn.softmax(outputs, axis=-1)
-  raise ValueError(f"Unknown loss {loss!r}; choose 'mse' or 'ce'.")
+def loss_of(loss: Loss) -> OutputLoss:
+  """The ``OutputLoss`` a name (or the loss itself) stands for."""
+  if isinstance(loss, OutputLoss):
+    return loss
+  if loss not in LOSSES:
+    raise ValueError(f"Unknown loss {loss!r}; choose one of {list(LOSSES)} or pass a "
+                     "pc.OutputLoss.")
+  return LOSSES[loss]
 
 
 def count_correct(outputs: jax.Array, y: jax.Array) -> jax.Array:
   """How many rows of outputs [B, C] have their argmax at that of y [B, C] (float32)."""
   return jnp.sum(jnp.argmax(outputs, -1) == jnp.argmax(y, -1)).astype(jnp.float32)
+
+
+def energy_terms(errors: tuple, outputs: jax.Array, y: jax.Array, loss: Loss,
+                 batch_size: int) -> jax.Array:
+  """The energy term by term [H' + 1]: ½‖e‖² of each hidden layer given, then ℓ_out.
+
+  Args:
+    errors: per stage, the errors of its layers ([S, B, ...] or a tuple of S
+      [B, ...] arrays); H' layers in all (a block of the top layers, or all H).
+    outputs: [B, C] the readout μ_L; y: [B, C] the targets.
+    loss: the output energy; batch_size: B of the batch mean.
+  """
+  hidden = [0.5 * layouts.per_layer_sum_of_squares(e) for e in errors]
+  output = jnp.sum(loss_of(loss)(outputs, y))
+  return jnp.append(jnp.concatenate(hidden) if hidden else jnp.zeros((0,)), output) / batch_size
+
+
+def energy_gradients(errors: tuple, outputs: jax.Array, y: jax.Array, loss: Loss,
+                     batch_size: int) -> tuple[tuple, jax.Array]:
+  """(∂F/∂e per stage, ∂F/∂μ_L [B, C]): ``jax.grad`` of ``energy_terms``' sum."""
+  return jax.grad(lambda e, o: jnp.sum(energy_terms(e, o, y, loss, batch_size)),
+                  argnums=(0, 1))(errors, outputs)
 
 
 def layer_energies(model: Network, z, x: jax.Array, y: jax.Array, *,
@@ -55,11 +103,10 @@ def layer_energies(model: Network, z, x: jax.Array, y: jax.Array, *,
 
   Each is a batch mean (divided by ``batch_size``, default x.shape[0]).
   """
-  stages = forward.as_stages(model, z)
-  hidden = jnp.concatenate([0.5 * layouts.per_layer_sum_of_squares(z - mu)
-                            for z, mu in zip(stages, forward.predictions(model, stages, x))])
-  output = jnp.sum(output_losses(model.readout(model.phi(stages[-1][-1])), y, loss))
-  return jnp.append(hidden, output) / (batch_size or x.shape[0])
+  stages = forward.as_stages(z)
+  errors = tuple(z - mu for z, mu in zip(stages, forward.predictions(model, stages, x)))
+  return energy_terms(errors, model.readout(model.phi(stages[-1][-1])), y, loss,
+                      batch_size or x.shape[0])
 
 
 def energy(model: Network, z, x: jax.Array, y: jax.Array, *,

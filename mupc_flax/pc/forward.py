@@ -21,9 +21,8 @@ def hidden_layers(network) -> int:
   return sum(network.stage_layers)
 
 
-def as_stages(network, z) -> tuple:
+def as_stages(z) -> tuple:
   """Activities in the public form as a tuple of per-stage arrays."""
-  del network
   return z if isinstance(z, tuple) else (z,)
 
 

@@ -5,26 +5,26 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mupc_flax.pc import forward, layouts
-from mupc_flax.pc.energy import Loss, Network, count_correct, output_losses
+from mupc_flax.pc.energy import Loss, Network, count_correct, loss_of
 from mupc_flax.pc.inference import Inference, InferenceResult, pc_inference
-from mupc_flax.pc.options import Engine, plan
+from mupc_flax.pc.options import Engine, Plan, plan
 
 
 def pc_weight_gradients(model: Network, x: jax.Array, result: InferenceResult,
-                        batch_size: int | None = None, engine: Engine | None = None) -> nnx.State:
-  """∂F/∂W at the end of inference (= ``jax.grad`` of ``energy``), as an
-  ``nnx.State`` of the ``nnx.Param`` gradients.
+                        engine: Engine | Plan | None = None) -> nnx.State:
+  """∂F/∂W at the end of inference, as an ``nnx.State`` of the ``nnx.Param`` gradients.
 
-  Every prediction is linear in its own weights with the activities fixed,
-  so ∂F/∂W is the transpose of that map applied to −e/B: for the dense
-  network ∂F/∂W_ℓ = −(a_ℓ/B) φ(z_{ℓ-1})ᵀe_ℓ (x for W_1; ε for the readout),
-  for a convolution its weight gradient. A layer whose error is exactly zero
-  gets exactly zero. The weights enter in float32 even under "bfloat16"
-  precision. ``engine``: its ``gradient_layout`` (that of the products here,
-  whatever the layout of ``result``).
+  With the activities fixed, W enters F only through the predictions, so
+  ∂F/∂W = (∂μ/∂W)ᵀ ∂F/∂μ: the vector–Jacobian product of the network's maps
+  (entries, residual branches, readout) at φ(z), applied to the energy's
+  gradient over the predictions in ``result`` (−e/B for the hidden layers).
+  This is ``jax.grad`` of ``energy`` over the weights, without recomputing
+  the errors: a layer whose error is exactly zero gets exactly zero. The
+  weights enter in float32 even under "bfloat16" precision. ``engine``: its
+  ``gradient_layout`` (that of the products here, whatever the layout of
+  ``result``), or the ``Plan`` already made for this network and x.
   """
-  scale = -1.0 / (batch_size or x.shape[0])
-  per_layer = plan(engine, model, x).gradient_per_layer
+  per_layer = (engine if isinstance(engine, Plan) else plan(engine, model, x)).gradient_per_layer
   in_layout = lambda stage: (stage if isinstance(stage, tuple) == per_layer
                             else layouts.arrange(layouts.stacked(stage), per_layer))
   phi = tuple(in_layout(p) for p in result.phi)
@@ -42,8 +42,8 @@ def pc_weight_gradients(model: Network, x: jax.Array, result: InferenceResult,
     return tuple(out), network.readout(phi[-1][-1])
 
   _, transpose = jax.vjp(predictions, params)
-  scaled = jax.tree.map(lambda e: scale * e, tuple(in_layout(e) for e in result.errors))
-  (grads,) = transpose((tuple((e[0], e[1:]) for e in scaled), scale * result.output_error))
+  prediction_grads = jax.tree.map(jnp.negative, tuple(in_layout(g) for g in result.error_grads))
+  (grads,) = transpose((tuple((g[0], g[1:]) for g in prediction_grads), result.output_grad))
   return grads
 
 
@@ -54,7 +54,7 @@ def pc_gradients(model: Network, x: jax.Array, y: jax.Array, inference: Inferenc
   Returns (grads, metrics): ``pc_weight_gradients`` of ``pc_inference``.
   """
   result, metrics = pc_inference(model, x, y, inference, loss=loss, batch_size=batch_size)
-  return pc_weight_gradients(model, x, result, batch_size, inference.engine), metrics
+  return pc_weight_gradients(model, x, result, inference.engine), metrics
 
 
 def bp_gradients(model: Network, x: jax.Array, y: jax.Array, *, loss: Loss = "mse",
@@ -68,7 +68,7 @@ def bp_gradients(model: Network, x: jax.Array, y: jax.Array, *, loss: Loss = "ms
 
   def mean_loss(model):
     outputs = forward.predict(model, x)
-    return jnp.sum(output_losses(outputs, y, loss)) / batch_size, outputs
+    return jnp.sum(loss_of(loss)(outputs, y)) / batch_size, outputs
 
   (value, outputs), grads = nnx.value_and_grad(mean_loss, has_aux=True)(model)
   return grads, {"loss": value, "accuracy": count_correct(outputs, y) / batch_size}

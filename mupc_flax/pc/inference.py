@@ -28,9 +28,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mupc_flax import kernels
-from mupc_flax.pc import forward, layouts
-from mupc_flax.pc.energy import Loss, Network, count_correct, output_errors, output_losses
+from mupc_flax.pc import forward, layouts, pallas_step
+from mupc_flax.pc.energy import (Loss, Network, count_correct, energy_gradients, energy_terms,
+                                 loss_of)
 from mupc_flax.pc.options import Engine, Plan, plan
 
 Schedule = Literal["plain", "wavefront"]
@@ -51,8 +51,8 @@ class Inference:
     schedule: "plain" updates every layer at every step. "wavefront" gives the
       same result from the feed-forward start with about half the work when
       T = H: after t steps only the top t+1 layers can have a non-zero error,
-      so step t touches only those (in ``phases`` blocks of static shape).
-    phases: number of blocks the growing wavefront is cut into (more blocks,
+      so step t touches only those (in ``phases`` phases of static shape).
+    phases: number of phases the growing wavefront is cut into (more phases,
       less work, more compiled code).
     optimizer: "gd" (the paper: δ ← δ − β g), "momentum" (heavy ball:
       v ← μ v + g, δ ← δ − β v), "nesterov" (δ ← δ − β (g + μ v) with v as
@@ -113,32 +113,32 @@ class Inference:
     return optax.sgd(self.lr, momentum=None if self.optimizer == "gd" else self.momentum,
                      nesterov=self.optimizer == "nesterov")
 
-  def blocks(self, hidden_layers: int) -> tuple[tuple[int, int], ...]:
-    """The schedule as (first layer updated, number of steps) blocks."""
+  def phases_for(self, hidden_layers: int) -> tuple[tuple[int, int], ...]:
+    """The schedule as (first layer updated, number of steps) phases."""
     if self.schedule == "plain":
       return ((0, self.steps),) if self.steps else ()
     return wavefront_phases(hidden_layers, self.steps, self.phases)
 
 
 def wavefront_phases(hidden_layers: int, steps: int, phases: int) -> tuple[tuple[int, int], ...]:
-  """The wavefront schedule as (first layer touched, number of steps) blocks.
+  """The wavefront schedule as (first layer touched, number of steps) phases.
 
   From the feed-forward start, step t (0-based) can change only the top t+1
-  layers. The first min(T, H) steps are cut into ``phases`` blocks; a block
+  layers. The first min(T, H) steps are cut into ``phases`` phases; a phase
   ending at step t touches layers H−t−1 … H−1. Later steps touch all layers.
   """
   front = min(steps, hidden_layers)
   per_phase = math.ceil(front / phases) if front else 0
-  blocks: list[tuple[int, int]] = []
+  phases_: list[tuple[int, int]] = []
   done = 0
   while done < front:
     n = min(per_phase, front - done)
     done += n
-    blocks.append((hidden_layers - min(hidden_layers, done), n))
+    phases_.append((hidden_layers - min(hidden_layers, done), n))
   if steps > front:
-    blocks.append((0, steps - front))
+    phases_.append((0, steps - front))
   merged: list[tuple[int, int]] = []
-  for first, n in blocks:
+  for first, n in phases_:
     if merged and merged[-1][0] == first:
       merged[-1] = (first, merged[-1][1] + n)
     else:
@@ -161,13 +161,15 @@ class _Start(NamedTuple):
   are zero by definition). For a network of general branches, also what
   each residual branch and each stage's entry predict there (``branch``:
   per stage, the branches of layers 1… of the stage; ``entry``: per stage,
-  None for the first); None in closed form. ``plan``: the engine's choices."""
+  None for the first); None in closed form. ``weights``: per stage, the
+  residual weights in the plan's layout. ``plan``: the engine's choices."""
 
   z: tuple
   phi: tuple
   errors: tuple | None
   branch: tuple | None
   entry: tuple | None
+  weights: tuple
   plan: Plan
 
 
@@ -180,12 +182,13 @@ def _start(model: Network, plan: Plan, stages: tuple, errors: tuple | None) -> _
   stages, phi = jax.lax.optimization_barrier((stages, tuple(model.phi(z) for z in stages)))
   stages, phi = arrange(stages), arrange(phi)
   branch = entry = None
+  weights = forward.residual_weights(model, plan.per_layer)
   if not plan.closed_form:
-    weights = forward.residual_weights(model, plan.per_layer)
     branch = tuple(model.residual_branch(s, weights[s], h[:-1]) for s, h in enumerate(phi))
     entry = (None,) + tuple(model.entry(s, phi[s - 1][-1]) for s in range(1, len(phi)))
     branch, entry = jax.lax.optimization_barrier((branch, entry))
-  return _Start(stages, phi, None if errors is None else arrange(errors), branch, entry, plan)
+  return _Start(stages, phi, None if errors is None else arrange(errors), branch, entry, weights,
+                plan)
 
 
 def _moved(closed_form: bool, f: Callable, h, h0, f_h0=None, layers: bool = True):
@@ -203,18 +206,19 @@ def _moved(closed_form: bool, f: Callable, h, h0, f_h0=None, layers: bool = True
   first = 2 if layers and not isinstance(h, tuple) else 1  # the axes after the sample axis
   same = jax.tree.map(lambda a, b: jnp.all(a == b, axis=tuple(range(first, a.ndim)), keepdims=True),
                       h, h0)
-  return jax.tree.map(lambda same, a, b: jnp.where(same, 0.0, a - b), same, f(h), f_h0)
+  moved = jax.tree.map(jnp.subtract, f(h), f_h0)
+  # Zeroed in value only (m − m = 0 exactly): the gradient still flows through
+  # f, as it must at the wavefront's edge, where h = h⁰ but the error above is not zero.
+  return jax.tree.map(lambda same, m: m - jax.lax.stop_gradient(jnp.where(same, m, 0.0)),
+                      same, moved)
 
 
-def _pullback(closed_form: bool, f: Callable, h) -> Callable:
-  """e ↦ (∂f/∂h at h)ᵀ e. For a linear map, its transpose (for a layer's
-  product h ↦ a·hW, e ↦ a·eWᵀ: XLA sees the transposed product directly,
-  with no forward product to prune); else the vector–Jacobian product."""
-  if closed_form:
-    transpose = jax.linear_transpose(f, h)
-    return lambda cotangent: transpose(cotangent)[0]
-  _, vjp = jax.vjp(f, h)
-  return lambda cotangent: vjp(cotangent)[0]
+def _transpose(f: Callable, h) -> Callable:
+  """e ↦ (∂f/∂h)ᵀ e of a linear map f at h: for a layer's product h ↦ a·hW,
+  e ↦ a·eWᵀ (XLA sees the transposed product directly, with no forward
+  product to prune)."""
+  transpose = jax.linear_transpose(f, h)
+  return lambda cotangent: transpose(cotangent)[0]
 
 
 def _errors(model: Network, start: _Start, delta: tuple, stage: int, index: int,
@@ -266,48 +270,52 @@ def _bottom_shift(model: Network, start: _Start, delta: tuple, weights: tuple, s
   return jnp.zeros_like(start.z[0][0])  # the input projection a_1 W_1 x never moves
 
 
-def _is_identity(phi: Callable, like: jax.Array) -> bool:
-  """Whether φ is the identity (traced on an abstract value: no operations),
-  so that its derivative, 1, need not be applied."""
-  return not jax.make_jaxpr(phi)(jax.ShapeDtypeStruct(like.shape, like.dtype)).eqns
+def _energy_gradient(model: Network, start: _Start, y: jax.Array, delta: tuple, stage: int,
+                     index: int, bottom_shift: jax.Array, weights: tuple, loss: Loss,
+                     batch_size: int) -> tuple:
+  """∂F/∂δ of the layers from (``stage``, ``index``) up: ``jax.grad`` of the one
+  energy (``energy_terms``) over them, the layers below held fixed. The
+  general path, for any network. Layers the wavefront has not reached have
+  e = 0 and get exactly zero (their cotangents are zero)."""
+  def upper_energy(delta):
+    errors, phis = _errors(model, start, delta, stage, index, bottom_shift, weights)
+    return jnp.sum(energy_terms(errors, model.readout(phis[-1][-1]), y, loss, batch_size))
+
+  return jax.grad(upper_energy)(delta)
 
 
-def _activity_gradient(model: Network, start: _Start, y: jax.Array, delta: tuple, stage: int,
-                       index: int, bottom_shift: jax.Array, weights: tuple, loss: Loss,
-                       batch_size: int) -> tuple:
-  """∂F/∂δ of the layers from (``stage``, ``index``) up, in closed form.
+def _closed_form_gradient(model: Network, start: _Start, y: jax.Array, delta: tuple, stage: int,
+                          index: int, bottom_shift: jax.Array, weights: tuple, loss: Loss,
+                          batch_size: int) -> tuple:
+  """``_energy_gradient`` in closed form, for networks whose maps are linear in φ(z).
 
   With e the errors and J_{k+1} the map from φ(z_k) to the prediction of the
   layer above (a residual branch, the next stage's entry, or the readout,
   whose "error" is the output error ε):
 
-      B · ∂F/∂δ_k = e_k − e_{k+1} [if layer k+1 has a skip] − φ'(z_k) ⊙ J_{k+1}ᵀ e_{k+1}.
+      B · ∂F/∂δ_k = e_k − e_{k+1} [if layer k+1 has a skip] − φ'(z_k) ⊙ J_{k+1}ᵀ e_{k+1},
 
-  In closed form (linear maps of φ: dense, conv), Jᵀ is the map's transpose;
-  otherwise the map's vector–Jacobian product. This is
-  what ``jax.grad`` of the block's energy computes, written so that each
-  transposed product feeds one elementwise update (on CPU at 256 × 32,
-  inference 1.16× faster than through ``jax.grad``). Layers the wavefront has
-  not reached have e = 0 and get exactly zero.
+  with Jᵀ the map's transpose, written so that each transposed product feeds
+  one elementwise update (on CPU at 256 × 32, inference 1.16× faster than
+  through ``jax.grad``). The conformance suite tests it against the general path.
   """
   errors, phis = _errors(model, start, delta, stage, index, bottom_shift, weights)
-  above = output_errors(model.readout(phis[-1][-1]), y, loss)
-  above = _pullback(start.plan.closed_form, model.readout, phis[-1][-1])(above)
+  above = loss_of(loss).error(model.readout(phis[-1][-1]), y)
+  above = _transpose(model.readout, phis[-1][-1])(above)
   grads = []
   for i in reversed(range(len(errors))):
     s, low = stage + i, index if i == 0 else 0
     e, phi = errors[i], phis[i]
     branch = lambda h, s=s, w=weights[i]: model.residual_branch(s, w, h)
-    back = layouts.join(_pullback(start.plan.closed_form, branch, phi[:-1])(e[1:]),
-                        layouts.single(above, e))
+    back = layouts.join(_transpose(branch, phi[:-1])(e[1:]), layouts.single(above, e))
     skip = layouts.join(e[1:], layouts.single(jnp.zeros_like(above), e))
-    if not _is_identity(model.phi, start.z[s][0]):  # the maps' inputs are φ(z): the chain rule
-      z = jax.tree.map(jnp.add, start.z[s][low:], delta[i])
-      back = jax.tree.map(lambda v, back: jax.jvp(model.phi, (v,), (jnp.ones_like(v),))[1] * back,
-                          z, back)
+    # The maps' inputs are φ(z): the chain rule (φ' = 1 folds away for the identity).
+    z = jax.tree.map(jnp.add, start.z[s][low:], delta[i])
+    back = jax.tree.map(lambda v, back: jax.jvp(model.phi, (v,), (jnp.ones_like(v),))[1] * back,
+                        z, back)
     grads.append(jax.tree.map(lambda e, skip, back: (e - skip - back) / batch_size, e, skip, back))
     if i:  # the entry of stage s, predicted from the top of the stage below
-      above = _pullback(start.plan.closed_form, lambda h, s=s: model.entry(s, h), phis[i - 1][-1])(e[0])
+      above = _transpose(lambda h, s=s: model.entry(s, h), phis[i - 1][-1])(e[0])
   return tuple(reversed(grads))
 
 
@@ -346,39 +354,39 @@ def _descend(model: Network, start: _Start, y: jax.Array, inference: Inference, 
   """Inference from ``start``; returns the deviations δ from the start, per
   stage in the model's layout, and the number of steps taken.
 
-  Each block (first layer, steps) of the schedule is one compiled loop over
-  the layers from there to the top; the loop carries the block's δ and
-  optimiser state, nothing else (no trajectory is stored). Below the block,
+  Each phase (first layer, steps) of the schedule is one compiled loop over
+  the layers from there to the top; the loop carries their δ and
+  optimiser state, nothing else (no trajectory is stored). Below them,
   δ, the gradient and the optimiser state are zero and stay so.
   """
   tx = inference.transformation()
   delta = jax.tree.map(jnp.zeros_like, start.z)
   state = tx.init(delta)
-  weights = forward.residual_weights(model, start.plan.per_layer)
+  weights = start.weights
+  activity_gradient = _closed_form_gradient if start.plan.closed_form else _energy_gradient
   stop = inference.tolerance > 0
   progress = _Progress(jnp.zeros((), jnp.int32), jnp.zeros(()), jnp.full((), jnp.inf))
   end = 0
-  for first, num_steps in inference.blocks(forward.hidden_layers(model)):
+  for first, num_steps in inference.phases_for(forward.hidden_layers(model)):
     stage, index = _locate(model, first)
     bottom_shift = _bottom_shift(model, start, delta, weights, stage, index)
     # Sliced once, outside the loop.
-    block_weights = (tuple(w[index:] for w in weights[stage]),) + weights[stage + 1:]
-    block_state = _map_activity_trees(tx, lambda tree: layouts.block(tree, stage, index), state)
+    upper_weights = (tuple(w[index:] for w in weights[stage]),) + weights[stage + 1:]
+    upper_state = _map_activity_trees(tx, lambda tree: layouts.upper(tree, stage, index), state)
 
     if start.plan.kernel == "pallas" and forward.hidden_layers(model) - index >= 2:
-      fused = kernels.fused_step(
+      fused = pallas_step.fused_step(
           model, start.z[0][index:], None if start.errors is None else start.errors[0][index:],
-          bottom_shift, block_weights[0], y, lambda outputs, y: output_errors(outputs, y, loss),
-          inference.lr, batch_size)
+          bottom_shift, upper_weights[0], y, loss_of(loss).error, inference.lr, batch_size)
       update = lambda d, s, fused=fused: ((fused(d[0]),), s, None)
     else:
-      def update(d, s, stage=stage, index=index, bottom_shift=bottom_shift, w=block_weights):
-        grad = _activity_gradient(model, start, y, d, stage, index, bottom_shift, w, loss,
-                                  batch_size)
+      def update(d, s, stage=stage, index=index, bottom_shift=bottom_shift, w=upper_weights):
+        grad = activity_gradient(model, start, y, d, stage, index, bottom_shift, w, loss,
+                                 batch_size)
         updates, s = tx.update(grad, s, d)
         return optax.apply_updates(d, updates), s, grad
 
-    carry = (layouts.block(delta, stage, index), block_state)
+    carry = (layouts.upper(delta, stage, index), upper_state)
     if stop:
       end += num_steps
 
@@ -396,11 +404,11 @@ def _descend(model: Network, start: _Start, y: jax.Array, inference: Inference, 
     else:
       carry = jax.lax.fori_loop(0, num_steps, lambda _, c, update=update: update(*c)[:2], carry,
                                 unroll=start.plan.unroll or 1)
-    block_delta, block_state = carry
-    delta = layouts.with_block(delta, block_delta, stage, index)
-    # The block's state carries the other fields (Adam's step count) on.
+    upper_delta, upper_state = carry
+    delta = layouts.with_upper(delta, upper_delta, stage, index)
+    # The upper layers' state carries the other fields (Adam's step count) on.
     state = _map_activity_trees(
-        tx, lambda part, tree: layouts.with_block(tree, part, stage, index), block_state, state)
+        tx, lambda part, tree: layouts.with_upper(tree, part, stage, index), upper_state, state)
   steps_taken = progress.steps if stop else jnp.asarray(inference.steps, jnp.int32)
   return delta, steps_taken
 
@@ -417,7 +425,7 @@ def infer(model: Network, x: jax.Array, y: jax.Array, inference: Inference, *,
     z: starting activities, as ``feedforward`` gives them; None starts
       from the feed-forward pass (the paper's recipe, and the only start the
       wavefront schedule allows).
-    loss: output energy, "mse" or "ce".
+    loss: the output energy: "mse", "ce" or a ``pc.OutputLoss``.
     batch_size: B of the batch mean; defaults to x.shape[0].
 
   Returns:
@@ -431,7 +439,7 @@ def infer(model: Network, x: jax.Array, y: jax.Array, inference: Inference, *,
     raise ValueError("The wavefront schedule is exact only from the feed-forward start: "
                      "call infer without z, or use Inference(schedule='plain').")
   else:
-    stages = forward.as_stages(model, z)
+    stages = forward.as_stages(z)
     start_errors = tuple(z - mu for z, mu in zip(stages, forward.predictions(model, stages, x)))
   delta, _ = _descend(model, _start(model, plan_, stages, start_errors), y, inference, loss,
                       batch_size or x.shape[0], None)
@@ -442,22 +450,23 @@ def feedforward_stages(model: Network, x: jax.Array, plan_: Plan) -> tuple:
   """The feed-forward start, per stage. Written out per layer where
   inference holds layers per layer or unrolls: on XLA's CPU runtime, a loop
   followed by more work (here, the inference loops) runs slower."""
-  return forward.as_stages(model, forward.feedforward(model, x,
-                                                      unrolled=plan_.per_layer or plan_.unroll))
+  return forward.as_stages(forward.feedforward(model, x, unrolled=plan_.per_layer or plan_.unroll))
 
 
 class InferenceResult(NamedTuple):
-  """The network at the end of inference, all a weight gradient needs.
+  """The network at the end of inference: all its weight gradient needs.
 
-  errors: hidden errors e_ℓ; phi: φ(z_ℓ); per stage an array [L_s, B, ...],
-  or a tuple of L_s [B, ...] arrays in the "per_layer" layout (left unstacked:
-  on XLA's CPU runtime a concatenation after the inference loop slows the
-  loop itself). output_error: [B, C] ε = −∂ℓ_out/∂μ_L.
+  phi: φ(z_ℓ), the maps' inputs, per stage an array [L_s, B, ...], or a tuple
+  of L_s [B, ...] arrays in the "per_layer" layout (left unstacked: on XLA's
+  CPU runtime a concatenation after the inference loop slows the loop
+  itself). error_grads: ∂F/∂e_ℓ, per stage in the same layout (e_ℓ/B).
+  output_grad: [B, C] ∂F/∂μ_L. Both are ``energy_gradients`` of the one
+  energy at the final errors and outputs; ∂F/∂μ_ℓ = −∂F/∂e_ℓ.
   """
 
-  errors: tuple
   phi: tuple
-  output_error: jax.Array
+  error_grads: tuple
+  output_grad: jax.Array
 
 
 def pc_inference(model: Network, x: jax.Array, y: jax.Array, inference: Inference, *,
@@ -484,17 +493,15 @@ def pc_inference(model: Network, x: jax.Array, y: jax.Array, inference: Inferenc
   plan_ = plan(inference.engine, model, x)
   start = _start(model, plan_, feedforward_stages(model, x, plan_), None)
   delta, steps_taken = _descend(model, start, y, inference, loss, batch_size, axis_name)
-  errors, phi = _errors(model, start, delta, 0, 0, jnp.zeros_like(start.z[0][0]),
-                        forward.residual_weights(model, plan_.per_layer))
+  errors, phi = _errors(model, start, delta, 0, 0, jnp.zeros_like(start.z[0][0]), start.weights)
   outputs = model.readout(phi[-1][-1])
   ff_outputs = model.readout(start.phi[-1][-1])
-  per_layer = jnp.append(jnp.concatenate([0.5 * layouts.per_layer_sum_of_squares(e) for e in errors]),
-                         jnp.sum(output_losses(outputs, y, loss))) / batch_size
+  per_layer = energy_terms(errors, outputs, y, loss, batch_size)
   metrics = {
-      "loss": jnp.sum(output_losses(ff_outputs, y, loss)) / batch_size,
+      "loss": jnp.sum(loss_of(loss)(ff_outputs, y)) / batch_size,
       "accuracy": count_correct(ff_outputs, y) / batch_size,
       "energy": jnp.sum(per_layer),
       "layer_energies": per_layer,
       "inference_steps": steps_taken,
   }
-  return InferenceResult(errors, phi, output_errors(outputs, y, loss)), metrics
+  return InferenceResult(phi, *energy_gradients(errors, outputs, y, loss, batch_size)), metrics

@@ -1,10 +1,10 @@
-"""The two layouts inference holds a stage's layers in, and blocks of layers.
+"""The two layouts inference holds a stage's layers in, and their upper layers.
 
 Each stage's layers are either one [S, B, ...] array ("batched") or a tuple
 of S [B, ...] arrays ("per_layer"). Both support x[i], x[a:b] and len(x),
 and jax.tree.map applies element-wise maps to either; these helpers cover
-the rest. A *block* is the part of a per-stage tuple from one layer to the
-top: the layers one inference loop updates.
+the rest. The *upper* layers are the part of a per-stage tuple from one
+layer to the top: the layers one inference loop updates.
 """
 
 import jax
@@ -40,11 +40,11 @@ def per_layer_sum_of_squares(x) -> jax.Array:
   return jnp.sum(jnp.square(x), axis=tuple(range(1, x.ndim)))
 
 
-def block(stages: tuple, stage: int, index: int) -> tuple:
+def upper(stages: tuple, stage: int, index: int) -> tuple:
   """The layers from (``stage``, ``index``) to the top, per stage from ``stage`` up."""
   return (stages[stage][index:],) + stages[stage + 1:]
 
 
-def with_block(stages: tuple, updated: tuple, stage: int, index: int) -> tuple:
-  """``stages`` with the block from (``stage``, ``index``) replaced by ``updated``."""
+def with_upper(stages: tuple, updated: tuple, stage: int, index: int) -> tuple:
+  """``stages`` with its upper layers from (``stage``, ``index``) replaced by ``updated``."""
   return stages[:stage] + (join(stages[stage][:index], updated[0]),) + updated[1:]

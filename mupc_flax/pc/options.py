@@ -12,7 +12,7 @@ from typing import Literal, NamedTuple, get_args
 import jax
 import jax.numpy as jnp
 
-from mupc_flax.pc import forward
+from mupc_flax.pc import forward, pallas_step
 
 Layout = Literal["auto", "stacked", "per_layer"]
 Kernel = Literal["xla", "pallas"]
@@ -41,12 +41,12 @@ class Engine:
     unroll: write inference loops out when compiled. Auto: for convolutions
       on CPU (XLA's CPU runtime runs a convolution about 3× slower inside a
       while loop: 18 vs 53 ms per inference step at 14×14×8, jax 0.10.2).
-    closed_form: use the transposes of the maps, in closed form, for
-      networks that declare ``linear_branches``; False always uses
-      vector–Jacobian products. Auto: True (1.16× faster inference on CPU
-      at 256 × 32 than through ``jax.grad``).
+    closed_form: the activity gradient from the maps' transposes, in closed
+      form, for networks that declare ``linear_branches``; False always
+      takes the general path, ``jax.grad`` of the energy. Auto: True (1.16×
+      faster inference on CPU at 256 × 32 than through ``jax.grad``).
     kernel: "xla", or "pallas" for the fused two-kernel step of
-      ``mupc_flax.kernels`` (a single stacked stage of matrix products
+      ``mupc_flax.pc.pallas_step`` (a single stacked stage of matrix products
       a·φ(z)W, plain gradient descent; Triton on a GPU, interpret mode
       elsewhere: opt-in).
   """
@@ -111,14 +111,13 @@ def branch_primitives(network, x: jax.ShapeDtypeStruct) -> set[str]:
 def plan(engine: "Engine | None", network, x) -> Plan:
   """``engine``'s choices for ``network`` on inputs shaped like ``x`` [B, ...]."""
   engine = engine or Engine()
-  stacked = all(forward.is_stacked(network.residual_weights(s))
-                for s in range(len(network.stage_layers)))
+  weights = [network.residual_weights(s) for s in range(len(network.stage_layers))]
+  stacked = all(forward.is_stacked(w) for w in weights)
   on_cpu = jax.default_backend() == "cpu"
   convolution = "conv_general_dilated" in branch_primitives(
       network, jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)))
   if engine.kernel == "pallas":
-    from mupc_flax import kernels  # the kernel module imports this one
-    if not kernels.fits(network, x):
+    if not pallas_step.fits(network, x):
       raise ValueError("The Pallas kernel fuses one stacked stage of matrix products a·φ(z)W (the "
                        "dense network's); this network is not one: use kernel='xla'.")
   if not stacked and (engine.layout == "stacked" or engine.gradient_layout == "stacked"):
@@ -128,8 +127,7 @@ def plan(engine: "Engine | None", network, x) -> Plan:
   def per_layer(choice: str, auto: bool) -> bool:
     return not stacked or (choice == "per_layer" if choice != "auto" else auto)
 
-  big = sum(w.size for s in range(len(network.stage_layers))
-            for w in network.residual_weights(s) if hasattr(w, "ndim") and w.ndim >= 3)
+  big = sum(w.size for stage in weights for w in stage if hasattr(w, "ndim") and w.ndim >= 3)
   return Plan(
       per_layer=per_layer(engine.layout, engine.kernel != "pallas" and on_cpu
                           and (convolution or big > _PER_LAYER_FROM)),

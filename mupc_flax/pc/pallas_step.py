@@ -89,7 +89,7 @@ class Tiling:
     return plt.CompilerParams(num_warps=self.warps, num_stages=self.stages)
 
 
-def plan(batch: int, width: int, dtype=jnp.float32, *, for_triton: bool = True) -> Tiling:
+def tiling_for(batch: int, width: int, dtype=jnp.float32, *, for_triton: bool = True) -> Tiling:
   """The tiling of a [``batch``, ``width``] layer (the per-device batch).
 
   For Triton, ``batch`` and ``width`` must be powers of two (``fused_step``
@@ -279,7 +279,7 @@ def fused_step_of(phi: Callable, readout: Callable, precision: str, z0: jax.Arra
     lr, batch_size: β and the B of the batch mean.
     interpret: True: Pallas' interpret mode; False: Triton; None: Triton
       where the step is lowered for CUDA, interpret mode elsewhere.
-    tiling: for the Triton kernels; None: ``plan`` of the padded shape.
+    tiling: for the Triton kernels; None: ``tiling_for`` the padded shape.
     padded_as_triton: with ``interpret=True``, run what Triton would (the
       padded shape, Triton's tiling) in interpret mode: how the padding is
       checked without a GPU.
@@ -324,14 +324,14 @@ def fused_step_of(phi: Callable, readout: Callable, precision: str, z0: jax.Arra
 
   # Triton takes power-of-two blocks and products of at least MIN_ROWS rows.
   padded = (layers, max(_next_power_of_two(batch), MIN_ROWS), _next_power_of_two(width))
-  triton_tiling = tiling or plan(*padded[1:], dtype)
+  triton_tiling = tiling or tiling_for(*padded[1:], dtype)
   if interpret is None:  # decided when lowered: Triton for CUDA, interpret mode elsewhere
     compiled = build(padded, triton_tiling, interpret=False)
     # Interpret mode: the tiles only need to divide the shape.
-    interpreted = build(z0.shape, plan(batch, width, dtype, for_triton=False), interpret=True)
+    interpreted = build(z0.shape, tiling_for(batch, width, dtype, for_triton=False), interpret=True)
     step = lambda d: jax.lax.platform_dependent(d, cuda=compiled, default=interpreted)
   elif interpret and not padded_as_triton:
-    step = build(z0.shape, plan(batch, width, dtype, for_triton=False), interpret=True)
+    step = build(z0.shape, tiling_for(batch, width, dtype, for_triton=False), interpret=True)
   else:
     step = build(padded, triton_tiling, interpret=interpret)
   return step
@@ -340,6 +340,6 @@ def fused_step_of(phi: Callable, readout: Callable, precision: str, z0: jax.Arra
 def fused_step(model, z0: jax.Array, start_errors: jax.Array | None,
                bottom_shift: jax.Array, weights: tuple[jax.Array, jax.Array], y: jax.Array,
                output_errors, lr: float, batch_size: int, **options):
-  """``fused_step_of`` with the dense ``ResidualPCN``'s φ, readout and precision."""
+  """``fused_step_of`` with the φ, readout and precision of a network that ``fits``."""
   return fused_step_of(model.phi, model.readout, model.precision, z0, start_errors, bottom_shift,
                        weights, y, output_errors, lr, batch_size, **options)
