@@ -11,8 +11,12 @@ The text after ':' is a comma-separated list of variants and overrides:
   bp                the same network trained by backprop ("BP with Depth-μP" under μPC)
   deep              inference that reaches the bottom layers (docs/results.md, section 9):
                     heavy-ball momentum 0.9, T = 2H steps, β = B/4 (a per-sample step of
-                    1/4), and BP's weight learning rate (unless the config measured
-                    another) with a cosine decay
+                    1/4) under the step guard, and BP's weight learning rate (unless the
+                    config measured another) with a cosine decay
+  epc               error-parameterised PC (Goemaere et al. 2025): inference on the errors,
+                    T = 1 step of β = B/100 (a per-sample step of 0.01) under the step
+                    guard, BP's weight
+                    learning rate with a cosine decay (measured: README, "Error-parameterised PC")
   name=value        a field of config.model, config.engine, config.train or config.data by
                     its name, e.g. hidden_layers=32,width=256
 """
@@ -32,6 +36,14 @@ BP_LEARNING_RATE = 1e-2
 DEEP_MOMENTUM = 0.9
 DEEP_STEP_PER_SAMPLE = 0.25
 DEEP_STEPS_PER_LAYER = 2
+# Error-parameterised PC: steps on the errors and the per-sample step β/B. One
+# small step carries BP's gradient to every layer; larger steps or more of
+# them move towards PC's equilibrium, further from BP (README, "Error-parameterised PC").
+EPC_STEPS = 1
+EPC_STEP_PER_SAMPLE = 0.01
+# Power iterations of the step guard in the deep and ePC variants: β is capped so
+# that the inference optimiser stays inside its stability bound (pc.Inference).
+STEP_GUARD_ITERATIONS = 5
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -76,7 +88,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.inference_optimizer = "gd"  # gd | momentum | nesterov (on the activities)
   config.train.inference_momentum = 0.0  # μ of momentum and nesterov, in [0, 1)
   config.train.inference_tolerance = 0.0  # > 0: stop once ‖∂F/∂z‖ < this × its start (T: the cap)
-  config.train.schedule = "wavefront"  # wavefront | plain (same result)
+  config.train.inference_method = "states"  # states (PC) | errors (ePC: inference on the errors)
+  config.train.output_precision = 1.0  # γ, the weight of the output energy (1: the paper)
+  config.train.inference_step_guard = 0  # > 0: power iterations estimating λ_max; β capped to stay stable
+  config.train.schedule = "wavefront"  # wavefront | plain (same result; the errors method: plain)
   config.train.phases = 8  # blocks of the wavefront schedule
 
   config.log_every_steps = 100
@@ -149,17 +164,26 @@ def apply_arg(config: ml_collections.ConfigDict, arg: str | None,
     elif item == "bp":
       config.train.algorithm = "bp"
       config.train.learning_rate = bp_learning_rate
+    elif item == "epc":
+      config.train.inference_method = "errors"
+      config.train.inference_steps = EPC_STEPS
+      config.train.inference_lr = EPC_STEP_PER_SAMPLE * config.train.batch_size
+      config.train.inference_step_guard = STEP_GUARD_ITERATIONS
+      config.train.learning_rate = deep_learning_rate or bp_learning_rate
+      config.train.lr_schedule = "cosine"
     elif item == "deep":
       config.train.inference_optimizer = "momentum"
       config.train.inference_momentum = DEEP_MOMENTUM
       config.train.steps_per_layer = DEEP_STEPS_PER_LAYER
       config.train.inference_lr = DEEP_STEP_PER_SAMPLE * config.train.batch_size
+      config.train.inference_step_guard = STEP_GUARD_ITERATIONS
       config.train.learning_rate = deep_learning_rate or bp_learning_rate
       config.train.lr_schedule = "cosine"
     else:
-      close = difflib.get_close_matches(item, ("smoke", "sp", "bp", "deep"), n=1)
+      close = difflib.get_close_matches(item, ("smoke", "sp", "bp", "deep", "epc"), n=1)
       hint = f"; did you mean {close[0]!r}?" if close else "."
-      raise ValueError(f"Unknown config variant {item!r}{hint} Use smoke, sp, bp, deep or name=value.")
+      raise ValueError(f"Unknown config variant {item!r}{hint} Use smoke, sp, bp, deep, epc or "
+                       "name=value.")
   for item in overrides:
     _override(config, item)
   return config

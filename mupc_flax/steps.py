@@ -100,9 +100,9 @@ def make_train_step(model: pc.Network, optimizer: nnx.Optimizer,
       result, metrics = pc.pc_inference(model, x, y, inference, loss=loss,
                                         batch_size=global_batch_size(x), axis_name=sharding.DATA_AXIS)
       # Metrics are local sums over the global-batch normaliser: add them up
-      # (the steps inference took are the same on every device).
-      steps_taken = metrics.pop("inference_steps")
-      return result, jax.lax.psum(metrics, sharding.DATA_AXIS) | {"inference_steps": steps_taken}
+      # (what inference did, inference_*, is the same on every device).
+      shared = {k: metrics.pop(k) for k in list(metrics) if k.startswith("inference_")}
+      return result, jax.lax.psum(metrics, sharding.DATA_AXIS) | shared
 
     def local_weight_gradients(model_state, x, result):
       # Marking the weights device-varying makes every gradient a local one

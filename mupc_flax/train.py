@@ -41,15 +41,17 @@ _CHOICES = {
     "train.algorithm": get_args(steps.Algorithm),
     "train.loss": tuple(pc.LOSSES),
     "train.schedule": get_args(pc.Schedule),
+    "train.inference_method": get_args(pc.inference.Method),
     "train.inference_optimizer": get_args(pc.Optimizer),
     "train.lr_schedule": ("constant", "cosine"),
 }
-_POSITIVE = ("train.batch_size", "train.num_epochs",
+_POSITIVE = ("train.batch_size", "train.num_epochs", "train.output_precision",
              "train.learning_rate", "train.phases", "train.steps_per_layer", "log_every_steps",
              "eval_batch_size",
              "keep_checkpoints", "checkpoint_every_steps")
 _NON_NEGATIVE = ("train.num_steps", "train.inference_steps", "train.inference_lr",
-                 "train.inference_momentum", "train.inference_tolerance", "eval_every_steps",
+                 "train.inference_momentum", "train.inference_tolerance",
+                 "train.inference_step_guard", "eval_every_steps",
                  "data.prefetch")
 
 
@@ -84,10 +86,13 @@ def validate_config(config, num_devices: int, num_processes: int) -> None:
     raise TrainingError("config.train.inference_momentum needs train.inference_optimizer = "
                         "'momentum' or 'nesterov'.")
   if config.engine.kernel == "pallas" and (config.train.inference_optimizer != "gd"
-                                           or config.train.inference_tolerance):
-    raise TrainingError("config.engine.kernel = 'pallas' runs plain gradient descent for a "
-                        "fixed number of steps: set train.inference_optimizer = 'gd' and "
-                        "train.inference_tolerance = 0, or use engine.kernel = 'xla'.")
+                                           or config.train.inference_tolerance
+                                           or config.train.inference_step_guard
+                                           or config.train.inference_method != "states"):
+    raise TrainingError("config.engine.kernel = 'pallas' runs plain gradient descent on the "
+                        "states for a fixed number of steps: set train.inference_optimizer = "
+                        "'gd', train.inference_tolerance = 0, train.inference_step_guard = 0 and "
+                        "train.inference_method = 'states', or use engine.kernel = 'xla'.")
   if config.engine.kernel == "pallas" and config.engine.layout == "per_layer":
     raise TrainingError("config.engine.kernel = 'pallas' needs engine.layout = 'stacked' or "
                         "'auto'.")
@@ -204,10 +209,16 @@ def engine_of(config) -> pc.Engine:
 def inference_of(config, model: pc.Network) -> pc.Inference:
   """The inference ``config.train`` describes, for ``model``'s depth."""
   train = config.train
+  method = train.inference_method
   return pc.Inference(steps=train.inference_steps or train.steps_per_layer * pc.hidden_layers(model),
-                      lr=train.inference_lr, schedule=train.schedule, phases=train.phases,
-                      optimizer=train.inference_optimizer, momentum=train.inference_momentum,
-                      tolerance=train.inference_tolerance, engine=engine_of(config))
+                      lr=train.inference_lr,
+                      # The errors have no wavefront: every layer moves at every step.
+                      schedule=train.schedule if method == "states" else "plain",
+                      phases=train.phases, optimizer=train.inference_optimizer,
+                      momentum=train.inference_momentum, tolerance=train.inference_tolerance,
+                      engine=engine_of(config), method=method,
+                      step_guard=train.inference_step_guard,
+                      output_precision=train.output_precision)
 
 
 def evaluate(eval_step, model_state, split: data.Split, mesh, batch_size: int) -> dict:

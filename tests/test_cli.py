@@ -205,7 +205,7 @@ CASES = {
                                   r"--config\.model\.widht: the config has no field 'widht'; did you mean 'width'\?"),
     "unknown variant": Case(lambda s: s.main(config="configs/default.py:smok"),
                             r"Unknown config variant 'smok'; did you mean 'smoke'\? Use smoke, sp, bp, "
-                            r"deep or name=value"),
+                            r"deep, epc or name=value"),
     "bad name=value": Case(lambda s: s.main(config="configs/default.py:width=abc"),
                            r"'width=abc': 'abc' is not a valid int"),
     "unknown name=value": Case(lambda s: s.main(config="configs/default.py:wdth=3"),

@@ -56,8 +56,9 @@ def stages_of(z):
   return z if isinstance(z, tuple) else (z,)
 
 
-def oracle_energy(net, z, x, y, loss="mse"):
-  """F of the protocol's maps, one layer at a time (the batch mean)."""
+def oracle_energy(net, z, x, y, loss="mse", output_precision=1.0):
+  """F of the protocol's maps, one layer at a time (the batch mean), its
+  output term weighted by ``output_precision``."""
   total, below = 0.0, x
   for s, stage in enumerate(stages_of(z)):
     mu = net.entry(s, below)
@@ -70,10 +71,25 @@ def oracle_energy(net, z, x, y, loss="mse"):
     below = net.phi(stage[-1])
   outputs = net.readout(below)
   if loss == "mse":
-    total += 0.5 * jnp.sum(jnp.square(y - outputs))
+    total += output_precision * 0.5 * jnp.sum(jnp.square(y - outputs))
   else:
-    total += -jnp.sum(y * jax.nn.log_softmax(outputs))
+    total += output_precision * -jnp.sum(y * jax.nn.log_softmax(outputs))
   return total / x.shape[0]
+
+
+def oracle_perturbed_pass(net, eps, x):
+  """ePC's states from errors ε (per stage, like the activities): each
+  layer's prediction from the protocol's maps, plus its ε."""
+  stages, below = [], x
+  for s, stage_eps in enumerate(stages_of(eps)):
+    z = [net.entry(s, below) + stage_eps[0]]
+    weights = net.residual_weights(s)
+    for k in range(1, len(stage_eps)):
+      one = tuple(w[k - 1:k] for w in weights)
+      z.append(z[-1] + net.residual_branch(s, one, net.phi(z[-1])[None])[0] + stage_eps[k])
+    stages.append(jnp.stack(z))
+    below = net.phi(z[-1])
+  return stages[0] if len(stages) == 1 else tuple(stages)
 
 
 def perturbed_start(net, x, seed):
@@ -115,18 +131,63 @@ def test_activity_step_is_gradient_descent_on_the_oracle(name):
   for engine in ENGINES.values():
     got = mf.infer(net, x, y, mf.Inference(1, lr, "plain", engine=engine), z=z)
     assert_trees_close(got, jax.tree.map(lambda a, g: a - lr * g, z, grad))
+  # A weak output term (γ): the closed form and the general path both weigh it.
+  grad = jax.grad(oracle_energy, argnums=1)(net, z, x, y, "mse", 0.25)
+  for engine in (ENGINES["auto"], ENGINES["general"]):
+    got = mf.infer(net, x, y, mf.Inference(1, lr, "plain", engine=engine, output_precision=0.25),
+                   z=z)
+    assert_trees_close(got, jax.tree.map(lambda a, g: a - lr * g, z, grad))
+
+
+@pytest.mark.parametrize("name", NETWORKS)
+def test_error_steps_are_gradient_descent_on_the_oracle(name):
+  """ePC: two steps on the errors from zero are ε − β ∂E/∂ε of the oracle
+  energy at the oracle's error-perturbed pass; the states are that pass."""
+  net, (x, y) = build(name), batch(3)
+  lr = 0.5 * B
+  energy = lambda eps: oracle_energy(net, oracle_perturbed_pass(net, eps, x), x, y, "ce")
+  eps = jax.tree.map(jnp.zeros_like, mf.feedforward(net, x))
+  for _ in range(2):
+    eps = jax.tree.map(lambda e, g: e - lr * g, eps, jax.grad(energy)(eps))
+  got = mf.infer(net, x, y, mf.Inference(2, lr, method="errors"), loss="ce")
+  assert_trees_close(got, oracle_perturbed_pass(net, eps, x))
+
+
+def parameter_cosines(a, b):
+  """Per nnx.Param leaf, cos(a, b) in float64 (leaves where b is zero left out)."""
+  out = []
+  for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    u, v = np.ravel(np.asarray(u, np.float64)), np.ravel(np.asarray(v, np.float64))
+    if np.linalg.norm(v) > 0:
+      out.append(u @ v / (np.linalg.norm(u) * np.linalg.norm(v)))
+  return np.array(out)
+
+
+@pytest.mark.parametrize("name", NETWORKS)
+def test_errors_after_one_small_step_learn_in_bps_directions(name):
+  """ePC's first step carries BP's activity gradient to every layer at once,
+  so the local weight gradient there is BP's, matrix by matrix."""
+  net, (x, y) = build(name), batch(8)
+  pc_grads, _ = mf.pc_gradients(net, x, y, mf.Inference(1, 1e-3 * B, method="errors"), loss="ce")
+  bp_grads, _ = mf.bp_gradients(net, x, y, loss="ce")
+  cosines = parameter_cosines(pc_grads, bp_grads)
+  assert len(cosines) == len(jax.tree.leaves(bp_grads)) and np.all(cosines > 0.999), cosines
 
 
 @pytest.mark.parametrize("name", NETWORKS)
 def test_weight_gradients_are_the_oracles_at_the_end_of_inference(name):
   net, (x, y) = build(name), batch(5)
-  inference = mf.Inference(3, 0.5 * B)
-  grads, metrics = mf.pc_gradients(net, x, y, inference, loss="ce")
-  z = mf.infer(net, x, y, inference, loss="ce")
-  expected = nnx.grad(lambda net: oracle_energy(net, z, x, y, "ce"))(net)
-  # The oracle forms each small error as z − μ, a difference of rounded numbers.
-  assert_trees_close(grads, expected, atol=1e-3)
-  np.testing.assert_allclose(metrics["energy"], oracle_energy(net, z, x, y, "ce"), rtol=1e-5)
+  # State PC; with a weak output term γ (the gradient then divided by γ); ePC.
+  for inference, gamma in [(mf.Inference(3, 0.5 * B), 1.0),
+                           (mf.Inference(3, 0.5 * B, output_precision=0.25), 0.25),
+                           (mf.Inference(3, 0.5 * B, method="errors"), 1.0)]:
+    grads, metrics = mf.pc_gradients(net, x, y, inference, loss="ce")
+    z = mf.infer(net, x, y, inference, loss="ce")
+    expected = nnx.grad(lambda net: oracle_energy(net, z, x, y, "ce", gamma) / gamma)(net)
+    # The oracle forms each small error as z − μ, a difference of rounded numbers.
+    assert_trees_close(grads, expected, atol=1e-3)
+    np.testing.assert_allclose(metrics["energy"], oracle_energy(net, z, x, y, "ce", gamma),
+                               rtol=1e-5)
 
 
 OPTIMIZERS = {"gd": dict(lr=2.0), "momentum": dict(lr=2.0, optimizer="momentum", momentum=0.5),
@@ -154,15 +215,19 @@ def test_wavefront_equals_plain_and_keeps_zeros_below_the_front(name, optimizer)
         assert np.all(moved[:hidden - steps] == 0) and np.all(moved[hidden - steps:] > 0), moved
 
 
+@pytest.mark.parametrize("method", ["states", "errors"])
 @pytest.mark.parametrize("name", NETWORKS)
-def test_eight_devices_match_one(name):
+def test_eight_devices_match_one(name, method):
   results = []
   for devices in (1, 8):
     net = build(name)
     # SGD: Adam would turn the rounding of near-zero gradients into whole steps.
     optimizer = nnx.Optimizer(net, optax.sgd(0.2), wrt=nnx.Param)
+    # ePC under the step guard: one λ_max agreed over the devices.
+    inference = mf.Inference(mf.pc.hidden_layers(net), 0.5 * 16, method=method,
+                             step_guard=3 if method == "errors" else 0)
     step = mf.make_train_step(net, optimizer, mf.make_mesh(jax.devices()[:devices]),
-                              inference=mf.Inference(mf.pc.hidden_layers(net), 0.5 * 16))
+                              inference=inference)
     state = (nnx.state(net), nnx.state(optimizer))
     for i in range(2):
       *state, step_metrics = step(*state, *batch(10 + i, size=16))

@@ -154,7 +154,8 @@ def train(num_devices, inference, steps=2):
 @pytest.mark.parametrize("inference", [
     mf.Inference(8, 8.0, optimizer="nesterov", momentum=0.9),
     mf.Inference(400, 8.0, optimizer="momentum", momentum=0.8, tolerance=1e-2),
-], ids=["nesterov", "stop"])
+    mf.Inference(8, 256.0, optimizer="momentum", momentum=0.9, step_guard=4),
+], ids=["nesterov", "stop", "guard"])
 def test_eight_devices_match_one(inference):
   """Data parallel: the same weights and metrics, and with the stop, the same
   global decision (each device holds 8 of the 64 samples: a device deciding
@@ -170,7 +171,74 @@ def test_eight_devices_match_one(inference):
     assert all(10 < t < inference.steps for t in taken), taken
   else:
     assert taken == [inference.steps] * 2
+  if inference.step_guard:  # one λ_max for the global batch, and the step it allows
+    assert all(0 < m["inference_lr"] < inference.lr for m in history_one), history_one
 
+
+def linear_hessians(model):
+  """Per-sample Hessians of a linear ResidualPCN's energy, in float64 NumPy:
+  over the activities z (MᵀM, with M the map from z to the errors and the
+  output residual) and over ePC's errors ε (I + (RK)ᵀRK, with K the map from
+  ε to z and R the readout)."""
+  weights, a = oracles.unstack(model)
+  hidden, width = len(weights) - 2, weights[1].shape[0]
+  size = (hidden + 1) * width
+  to_errors = np.zeros((size + weights[-1].shape[1], size))
+  for k in range(hidden + 1):
+    to_errors[k * width:(k + 1) * width, k * width:(k + 1) * width] = np.eye(width)
+    if k:
+      residual = np.eye(width) + a[k] * weights[k]  # z_{k−1} ↦ μ_k, as z_{k−1} @ residual
+      to_errors[k * width:(k + 1) * width, (k - 1) * width:k * width] = -residual.T
+  readout = (a[-1] * weights[-1]).T  # [C, N]
+  to_errors[size:, hidden * width:] = -readout
+  to_states = np.zeros((size, size))  # z_k = Σ_{j ≤ k} (product of residuals j+1…k)ᵀ ε_j
+  for j in range(hidden + 1):
+    block = np.eye(width)
+    for k in range(j, hidden + 1):
+      if k > j:
+        block = (np.eye(width) + a[k] * weights[k]).T @ block
+      to_states[k * width:(k + 1) * width, j * width:(j + 1) * width] = block
+  to_output = readout @ to_states[hidden * width:]
+  return to_errors.T @ to_errors, np.eye(size) + to_output.T @ to_output
+
+
+@pytest.mark.parametrize("method", ["states", "errors"])
+@pytest.mark.parametrize("optimizer", ["gd", "momentum", "nesterov"])
+def test_step_guard_keeps_the_step_inside_the_stability_bound(method, optimizer):
+  """On a quadratic energy (a linear network) with λ_max known in closed form:
+  the estimate is λ_max from below, the step used keeps β·λ_max inside the
+  optimiser's bound, and inference that diverges unguarded converges."""
+  batch = 8
+  model = make_model(hidden_layers=4, width=8, activation="linear")
+  x, y = oracles.random_batch(3, batch, D, C)
+  hessian = linear_hessians(model)[method == "errors"]
+  true_max = np.linalg.eigvalsh(hessian).max()  # per sample (the batch mean's, times B)
+  momentum = 0.0 if optimizer == "gd" else 0.8
+  make = lambda guard: mf.Inference(30, 100.0 * batch, "plain", optimizer=optimizer,
+                                    momentum=momentum, method=method, step_guard=guard)
+  _, guarded = mf.pc_gradients(model, x, y, make(30))
+  _, unguarded = mf.pc_gradients(model, x, y, make(0))
+  estimate, lr = float(guarded["inference_lambda_max"]), float(guarded["inference_lr"])
+  assert 0.95 * true_max < estimate <= true_max * (1 + 1e-4), (estimate, true_max)
+  bound = make(30).stability_bound()
+  assert lr / batch * true_max < bound
+  np.testing.assert_allclose(lr / batch * estimate, mf.pc.inference.GUARD_MARGIN * bound, rtol=1e-5)
+  assert float(guarded["energy"]) < float(guarded["loss"])
+  assert not float(unguarded["energy"]) < float(unguarded["loss"])  # diverged (or NaN)
+
+
+def test_step_guard_keeps_a_small_step_and_the_wavefront():
+  model = make_model(hidden_layers=6, width=16)
+  x, y = oracles.random_batch(4, 16, D, C)
+  small = dict(optimizer="momentum", momentum=0.8, lr=0.5, step_guard=10)
+  _, metrics = mf.pc_gradients(model, x, y, mf.Inference(6, **small))
+  assert float(metrics["inference_lr"]) == 0.5
+  big = small | dict(lr=500.0)
+  plain, front = (mf.infer(model, x, y, mf.Inference(4, schedule=s, phases=2, **big))
+                  for s in ("plain", "wavefront"))
+  assert_trees_close(plain, front)
+  moved = np.abs(np.asarray(front) - np.asarray(mf.feedforward(model, x))).max(axis=(1, 2))
+  assert np.all(moved[:2] == 0) and np.all(moved[2:] > 0), moved
 
 def test_pallas_kernel_refuses_other_optimizers():
   pallas = mf.Engine(kernel="pallas")
@@ -186,6 +254,11 @@ def test_pallas_kernel_refuses_other_optimizers():
     (dict(steps=4, lr=None), "needs a learning rate"),
     (dict(steps=4, lr=0.5, optimizer=optax.sgd(0.1)), "holds its own learning rate"),
     (dict(steps=4, lr=0.5, tolerance=1.0), r"tolerance must be in \[0, 1\)"),
+    (dict(steps=4, lr=0.5, method="energy"), "Unknown inference method"),
+    (dict(steps=4, lr=0.5, method="errors", schedule="wavefront"), "has no wavefront"),
+    (dict(steps=4, lr=None, optimizer=optax.adam(0.1), step_guard=3), "named optimisers"),
+    (dict(steps=4, lr=0.5, step_guard=-1), "step_guard"),
+    (dict(steps=4, lr=0.5, output_precision=0.0), "output_precision"),
 ])
 def test_inference_options_are_checked(kwargs, message):
   with pytest.raises(ValueError, match=message):

@@ -53,3 +53,17 @@ def test_linear_equilibrium_and_pc_bp_agreement_with_width():
     cosines.append(cosine(pc_grads, bp_grads))
   assert np.all(np.diff(cosines) > 0), cosines
   assert cosines[0] < 0.95 and cosines[-1] >= 0.999, cosines
+
+
+def test_errors_reach_the_states_equilibrium():
+  """ePC's fixed point is state PC's equilibrium: the closed-form minimum of
+  the energy, and the same weight gradient there."""
+  d, c, batch, hidden = 16, 4, 8, 4
+  x, y = oracles.random_batch(1, batch, d, c)
+  model = mf.ResidualPCN(d, 32, hidden, c, activation="linear", rngs=nnx.Rngs(1))
+  expected = closed_form_equilibrium_energy(model, x, y)
+  states = mf.pc_gradients(model, x, y, mf.Inference(600, 0.2 * batch, "plain"))
+  errors = mf.pc_gradients(model, x, y, mf.Inference(300, 0.2 * batch, method="errors"))
+  for grads, metrics in (states, errors):
+    np.testing.assert_allclose(float(metrics["energy"]), expected, rtol=1e-4)
+  assert cosine(errors[0], states[0]) > 0.9999

@@ -49,6 +49,13 @@ class OutputLoss:
     """The output error ε = −∂ℓ_out/∂μ_L [B, C] (``jax.grad`` of ``per_sample``)."""
     return -jax.grad(lambda o: jnp.sum(self.per_sample(o, y)))(outputs)
 
+  def weighted(self, precision: float) -> "OutputLoss":
+    """γ·ℓ_out: the output term at precision γ (itself at γ = 1)."""
+    if precision == 1:
+      return self
+    return OutputLoss(f"{precision:g}·{self.name}",
+                      lambda outputs, y: precision * self.per_sample(outputs, y))
+
 
 MSE = OutputLoss("mse", lambda outputs, y: 0.5 * jnp.sum(jnp.square(y - outputs), axis=-1))
 CROSS_ENTROPY = OutputLoss(

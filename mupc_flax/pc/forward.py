@@ -55,24 +55,30 @@ def residual_weights(network, per_layer: bool, dtype: Any = None) -> tuple:
   return tuple(out)
 
 
-def _stage(network, stage: int, z: jax.Array, weights: tuple, unrolled: bool, keep_all: bool):
+def _stage(network, stage: int, z: jax.Array, weights: tuple, unrolled: bool, keep_all: bool,
+           errors: jax.Array | None = None):
   """The residual layers of one stage from its entry activity z [B, ...]:
-  all its activities [1 + R_s, B, ...] (``keep_all``), or its top one."""
+  all its activities [1 + R_s, B, ...] (``keep_all``), or its top one.
+  ``errors`` [R_s, B, ...]: added to each residual layer's prediction (ePC's
+  error-perturbed pass); None: none."""
   layers = network.stage_layers[stage] - 1
   if unrolled or not layers or not is_stacked(weights):
     activities = [z]
     for k in range(layers):
       z = network.residual_branch(stage, cut(weights, k, k + 1, per_layer=True),
                                   (network.phi(z),))[0] + z
+      z = z if errors is None else z + errors[k]
       activities.append(z)
     return jnp.stack(activities) if keep_all else z
 
-  def layer(z, layer_weights):
+  def layer(z, weights_and_error):
+    layer_weights, error = weights_and_error
     z = network.residual_branch(stage, tuple(w[None] for w in layer_weights),
                                 network.phi(z)[None])[0] + z
+    z = z if error is None else z + error
     return z, (z if keep_all else None)
 
-  top, rest = jax.lax.scan(layer, z, weights)
+  top, rest = jax.lax.scan(layer, z, (weights, errors))
   return jnp.concatenate([z[None], rest]) if keep_all else top
 
 
@@ -89,12 +95,23 @@ def feedforward(network, x: jax.Array, *, unrolled: bool | None = None) -> Any:
   if unrolled is None:
     plan = _default_plan(network, x)
     unrolled = plan.per_layer or plan.unroll
+  return public_form(network, perturbed_stages(network, x, None, unrolled))
+
+
+def perturbed_stages(network, x: jax.Array, errors: tuple | None, unrolled: bool) -> tuple:
+  """The error-perturbed forward pass of error-parameterised PC, per stage:
+  z_ℓ = μ_ℓ(z_{ℓ−1}) + ε_ℓ from x, with ``errors`` ε per stage shaped like
+  the activities ([1 + R_s, B, ...]); None: the feed-forward pass (ε = 0)."""
   stages, below = [], x
   for s in range(len(network.stage_layers)):
-    z = _stage(network, s, network.entry(s, below), network.residual_weights(s), unrolled, True)
+    entry = network.entry(s, below)
+    if errors is not None:
+      entry = entry + errors[s][0]
+    z = _stage(network, s, entry, network.residual_weights(s), unrolled, True,
+               None if errors is None else errors[s][1:])
     stages.append(z)
     below = network.phi(z[-1])
-  return public_form(network, tuple(stages))
+  return tuple(stages)
 
 
 def predict(network, x: jax.Array) -> jax.Array:
@@ -132,4 +149,4 @@ def weight_stacks(network, params) -> list[jax.Array]:
 
 
 __all__ = ["hidden_layers", "as_stages", "public_form", "is_stacked", "cut", "residual_weights",
-           "feedforward", "predict", "predictions", "weight_stacks", "layouts"]
+           "feedforward", "perturbed_stages", "predict", "predictions", "weight_stacks", "layouts"]

@@ -34,17 +34,26 @@ from mupc_flax.pc.energy import (Loss, Network, count_correct, energy_gradients,
 from mupc_flax.pc.options import Engine, Plan, plan
 
 Schedule = Literal["plain", "wavefront"]
+# What inference descends on: the activities (PC) or the errors (ePC).
+Method = Literal["states", "errors"]
 # The inference optimisers that ``Inference.lr`` and ``momentum`` describe.
 Optimizer = Literal["gd", "momentum", "nesterov"]
 
 
 @dataclasses.dataclass(frozen=True)
 class Inference:
-  """How inference runs: the optimiser, its steps and when it stops.
+  """How inference runs: what it descends on, the optimiser, its steps and when it stops.
 
   Attributes:
     steps: T, the number of steps on the activities (the paper: T = H); with
       a ``tolerance``, the most steps taken.
+    method: "states" (PC, the paper: the free variables are the activities
+      z) or "errors" (error-parameterised PC, Goemaere et al. 2025: the free
+      variables are the errors ε, the activities follow from them by the
+      error-perturbed forward pass z_ℓ = μ_ℓ(z_{ℓ−1}) + ε_ℓ, and every layer
+      gets a signal at the first step; its fixed point is the same
+      equilibrium). Either way the weights learn from the energy at the
+      final activities.
     lr: β, the activity learning rate of the named optimisers, applied to the
       gradient of the batch *mean* energy (each sample moves by β/B times its
       own gradient). None with an optax ``optimizer``, which holds its own.
@@ -52,6 +61,8 @@ class Inference:
       same result from the feed-forward start with about half the work when
       T = H: after t steps only the top t+1 layers can have a non-zero error,
       so step t touches only those (in ``phases`` phases of static shape).
+      None: "wavefront" for the states, "plain" for the errors (which have
+      no front).
     phases: number of phases the growing wavefront is cut into (more phases,
       less work, more compiled code).
     optimizer: "gd" (the paper: δ ← δ − β g), "momentum" (heavy ball:
@@ -64,22 +75,41 @@ class Inference:
       early once ‖∂F/∂z‖ (over every layer and sample of the global batch)
       has fallen below ``tolerance`` times its value at the first step: an
       approximate equilibrium.
+    step_guard: 0 (the paper) keeps β. Above 0, that many power iterations
+      with Hessian–vector products estimate λ_max, the top eigenvalue of the
+      energy's Hessian over the free variables at the start of inference
+      (agreed over devices), and β is capped to ``GUARD_MARGIN`` times the
+      optimiser's stability bound over λ_max (``stability_bound``): with
+      λ_max per sample and the per-sample step β/B, (β/B)·λ_max < 2 for gd,
+      2(1 + μ) for heavy ball, 2(1 + μ)/(1 + 2μ) for Nesterov. The named
+      optimisers only.
+    output_precision: γ, the weight of the output term in the energy,
+      F = Σ ½‖e_ℓ‖² + γ ℓ_out (1: the paper). The weight gradients are
+      divided by γ, so their size does not change with it; γ → 0 brings
+      the equilibrium's gradient to BP's (weak nudging).
     engine: how the engine computes (layouts, unrolling, closed forms,
       kernels; ``pc.Engine``): the same result at any setting.
   """
 
   steps: int
   lr: float | None
-  schedule: Schedule = "wavefront"
+  schedule: Schedule | None = None
   phases: int = 8
   optimizer: Optimizer | optax.GradientTransformation = "gd"
   momentum: float = 0.0
   tolerance: float = 0.0
   engine: Engine = Engine()
+  method: Method = "states"
+  step_guard: int = 0
+  output_precision: float = 1.0
 
   def __post_init__(self):
     if not isinstance(self.steps, int) or self.steps < 0:
       raise ValueError(f"Inference steps must be a non-negative integer, got {self.steps!r}.")
+    if self.method not in get_args(Method):
+      raise ValueError(f"Unknown inference method {self.method!r}; choose 'states' or 'errors'.")
+    if self.schedule is None:
+      object.__setattr__(self, "schedule", "wavefront" if self.method == "states" else "plain")
     if self.schedule not in get_args(Schedule):
       raise ValueError(f"Unknown inference schedule {self.schedule!r}; choose 'plain' or 'wavefront'.")
     if not isinstance(self.phases, int) or self.phases < 1:
@@ -102,16 +132,40 @@ class Inference:
                        f"{self.tolerance!r}.")
     if not isinstance(self.engine, Engine):
       raise ValueError(f"Inference engine must be a pc.Engine, got {self.engine!r}.")
-    if self.engine.kernel == "pallas" and (self.optimizer != "gd" or self.tolerance):
-      raise ValueError("The Pallas inference kernel runs plain gradient descent for a fixed "
-                       "number of steps: use optimizer='gd' and tolerance=0, or the kernel 'xla'.")
+    if self.engine.kernel == "pallas" and (self.optimizer != "gd" or self.tolerance
+                                           or self.method != "states"):
+      raise ValueError("The Pallas inference kernel runs plain gradient descent on the states for "
+                       "a fixed number of steps: use optimizer='gd', tolerance=0 and method="
+                       "'states', or the kernel 'xla'.")
+    if self.method == "errors" and self.schedule == "wavefront":
+      raise ValueError("The errors method updates every layer at every step (it has no "
+                       "wavefront): use schedule='plain' or leave it unset.")
+    if not isinstance(self.step_guard, int) or self.step_guard < 0:
+      raise ValueError(f"Inference step_guard (power iterations) must be a non-negative integer, "
+                       f"got {self.step_guard!r}.")
+    if self.step_guard and (isinstance(self.optimizer, optax.GradientTransformation)
+                            or self.engine.kernel == "pallas"):
+      raise ValueError("The step guard caps the step of the named optimisers (gd, momentum, "
+                       "nesterov) on the XLA kernel: use one of them, or step_guard=0.")
+    if not (isinstance(self.output_precision, (int, float)) and self.output_precision > 0):
+      raise ValueError(f"Inference output_precision (γ) must be a number above 0, got "
+                       f"{self.output_precision!r}.")
 
-  def transformation(self) -> optax.GradientTransformation:
-    """The optimiser as an optax transformation of ∂F/∂δ into the update of δ."""
+  def transformation(self, lr: float | jax.Array | None = None) -> optax.GradientTransformation:
+    """The optimiser as an optax transformation of ∂F/∂δ into the update of δ,
+    at step ``lr`` (default: ``self.lr``)."""
     if isinstance(self.optimizer, optax.GradientTransformation):
       return self.optimizer
-    return optax.sgd(self.lr, momentum=None if self.optimizer == "gd" else self.momentum,
+    return optax.sgd(self.lr if lr is None else lr,
+                     momentum=None if self.optimizer == "gd" else self.momentum,
                      nesterov=self.optimizer == "nesterov")
+
+  def stability_bound(self) -> float:
+    """The largest β·λ at which the named optimiser converges on a quadratic
+    of curvature λ: 2 (gd), 2(1 + μ) (heavy ball), 2(1 + μ)/(1 + 2μ) (Nesterov)."""
+    if self.optimizer == "nesterov":
+      return 2 * (1 + self.momentum) / (1 + 2 * self.momentum)
+    return 2 * (1 + self.momentum)
 
   def phases_for(self, hidden_layers: int) -> tuple[tuple[int, int], ...]:
     """The schedule as (first layer updated, number of steps) phases."""
@@ -153,6 +207,43 @@ def _locate(model: Network, layer: int) -> tuple[int, int]:
       return stage, layer - top + model.stage_layers[stage]
   raise ValueError(f"Layer {layer} is above the network's {forward.hidden_layers(model)} hidden "
                    "layers.")
+
+
+# The step guard keeps β·λ_max this far inside the stability bound: a few power
+# iterations estimate λ_max from below.
+GUARD_MARGIN = 0.8
+
+
+def _top_eigenvalue(hvp: Callable, v, iterations: int, axis_name: str | None) -> jax.Array:
+  """λ_max of a symmetric positive semi-definite operator ``hvp`` on trees
+  shaped like ``v``, by power iteration from ``v`` (inner products global
+  over the devices of ``axis_name``)."""
+  dot = lambda a, b: _global_sum(jax.tree.map(lambda u, w: jnp.sum(u * w), a, b), axis_name)
+
+  def iterate(_, carry):
+    v, _ = carry
+    v = jax.tree.map(lambda a: a / jnp.sqrt(dot(v, v)), v)
+    hv = hvp(v)
+    return hv, dot(v, hv)
+
+  _, eigenvalue = jax.lax.fori_loop(0, iterations, iterate, (v, jnp.zeros(())))
+  return eigenvalue
+
+
+def _guarded_lr(inference: "Inference", energy: Callable, at, first_vector, batch_size: int,
+                axis_name: str | None):
+  """(the step inference takes, λ_max per sample): β capped by the stability
+  bound over λ_max of ``energy``'s Hessian at ``at`` (``Inference.step_guard``;
+  ``energy`` is a batch mean, so its λ_max is the largest per-sample one over B),
+  by power iteration from ``first_vector`` (the feed-forward activities:
+  per sample, so any split of the batch over devices gives the same λ_max);
+  without the guard (None, None): the optimiser's own step."""
+  if not inference.step_guard:
+    return None, None
+  hvp = lambda v: jax.jvp(jax.grad(energy), (at,), (v,))[1]
+  eigenvalue = _top_eigenvalue(hvp, first_vector, inference.step_guard, axis_name)
+  cap = GUARD_MARGIN * inference.stability_bound() / jnp.maximum(eigenvalue, 1e-30)
+  return jnp.minimum(jnp.asarray(inference.lr, jnp.float32), cap), eigenvalue * batch_size
 
 
 class _Start(NamedTuple):
@@ -270,18 +361,24 @@ def _bottom_shift(model: Network, start: _Start, delta: tuple, weights: tuple, s
   return jnp.zeros_like(start.z[0][0])  # the input projection a_1 W_1 x never moves
 
 
+def _upper_energy(model: Network, start: _Start, y: jax.Array, delta: tuple, stage: int,
+                  index: int, bottom_shift: jax.Array, weights: tuple, loss: Loss,
+                  batch_size: int) -> jax.Array:
+  """The energy's terms that depend on the layers from (``stage``, ``index``)
+  up, at their deviations ``delta``: ``energy_terms`` of their errors and the output."""
+  errors, phis = _errors(model, start, delta, stage, index, bottom_shift, weights)
+  return jnp.sum(energy_terms(errors, model.readout(phis[-1][-1]), y, loss, batch_size))
+
+
 def _energy_gradient(model: Network, start: _Start, y: jax.Array, delta: tuple, stage: int,
                      index: int, bottom_shift: jax.Array, weights: tuple, loss: Loss,
                      batch_size: int) -> tuple:
   """∂F/∂δ of the layers from (``stage``, ``index``) up: ``jax.grad`` of the one
-  energy (``energy_terms``) over them, the layers below held fixed. The
-  general path, for any network. Layers the wavefront has not reached have
-  e = 0 and get exactly zero (their cotangents are zero)."""
-  def upper_energy(delta):
-    errors, phis = _errors(model, start, delta, stage, index, bottom_shift, weights)
-    return jnp.sum(energy_terms(errors, model.readout(phis[-1][-1]), y, loss, batch_size))
-
-  return jax.grad(upper_energy)(delta)
+  energy over them, the layers below held fixed. The general path, for any
+  network. Layers the wavefront has not reached have e = 0 and get exactly
+  zero (their cotangents are zero)."""
+  return jax.grad(lambda d: _upper_energy(model, start, y, d, stage, index, bottom_shift,
+                                          weights, loss, batch_size))(delta)
 
 
 def _closed_form_gradient(model: Network, start: _Start, y: jax.Array, delta: tuple, stage: int,
@@ -344,27 +441,35 @@ class _Progress(NamedTuple):
   latest: jax.Array
 
 
-def _global_sum_of_squares(tree, axis_name: str | None) -> jax.Array:
-  total = sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree.leaves(tree))
+def _global_sum(tree, axis_name: str | None) -> jax.Array:
+  """The sum of a tree's leaves over every device of ``axis_name``."""
+  total = sum(jnp.sum(leaf) for leaf in jax.tree.leaves(tree))
   return jax.lax.psum(total, axis_name) if axis_name else total
 
 
+def _global_sum_of_squares(tree, axis_name: str | None) -> jax.Array:
+  return _global_sum(jax.tree.map(jnp.square, tree), axis_name)
+
+
 def _descend(model: Network, start: _Start, y: jax.Array, inference: Inference, loss: Loss,
-             batch_size: int, axis_name: str | None) -> tuple[tuple, jax.Array]:
+             batch_size: int, axis_name: str | None) -> tuple[tuple, dict]:
   """Inference from ``start``; returns the deviations δ from the start, per
-  stage in the model's layout, and the number of steps taken.
+  stage in the model's layout, and what it did (``_report``).
 
   Each phase (first layer, steps) of the schedule is one compiled loop over
   the layers from there to the top; the loop carries their δ and
   optimiser state, nothing else (no trajectory is stored). Below them,
   δ, the gradient and the optimiser state are zero and stay so.
   """
-  tx = inference.transformation()
   delta = jax.tree.map(jnp.zeros_like, start.z)
-  state = tx.init(delta)
   weights = start.weights
+  no_shift = jnp.zeros_like(start.z[0][0])
+  lr, eigenvalue = _guarded_lr(inference, lambda d: _upper_energy(
+      model, start, y, d, 0, 0, no_shift, weights, loss, batch_size), delta, start.z, batch_size,
+      axis_name)
+  tx = inference.transformation(lr)
+  state = tx.init(delta)
   activity_gradient = _closed_form_gradient if start.plan.closed_form else _energy_gradient
-  stop = inference.tolerance > 0
   progress = _Progress(jnp.zeros((), jnp.int32), jnp.zeros(()), jnp.full((), jnp.inf))
   end = 0
   for first, num_steps in inference.phases_for(forward.hidden_layers(model)):
@@ -386,45 +491,100 @@ def _descend(model: Network, start: _Start, y: jax.Array, inference: Inference, 
         updates, s = tx.update(grad, s, d)
         return optax.apply_updates(d, updates), s, grad
 
-    carry = (layouts.upper(delta, stage, index), upper_state)
-    if stop:
-      end += num_steps
-
-      def step(carry, end=end, update=update):
-        d, s, p = carry
-        d, s, grad = update(d, s)
-        size = _global_sum_of_squares(grad, axis_name)
-        return d, s, _Progress(p.steps + 1, jnp.where(p.steps == 0, size, p.first), size)
-
-      def going(carry, end=end):
-        p = carry[2]
-        return (p.steps < end) & (p.latest > inference.tolerance ** 2 * p.first)
-
-      *carry, progress = jax.lax.while_loop(going, step, (*carry, progress))
-    else:
-      carry = jax.lax.fori_loop(0, num_steps, lambda _, c, update=update: update(*c)[:2], carry,
-                                unroll=start.plan.unroll or 1)
-    upper_delta, upper_state = carry
+    end += num_steps
+    (upper_delta, upper_state), progress = _loop(
+        update, (layouts.upper(delta, stage, index), upper_state), num_steps, end, progress,
+        inference.tolerance, axis_name, start.plan.unroll)
     delta = layouts.with_upper(delta, upper_delta, stage, index)
     # The upper layers' state carries the other fields (Adam's step count) on.
     state = _map_activity_trees(
         tx, lambda part, tree: layouts.with_upper(tree, part, stage, index), upper_state, state)
-  steps_taken = progress.steps if stop else jnp.asarray(inference.steps, jnp.int32)
-  return delta, steps_taken
+  return delta, _report(inference, progress, lr, eigenvalue)
+
+
+def _report(inference: Inference, progress: _Progress, lr: jax.Array | None,
+            eigenvalue: jax.Array | None) -> dict:
+  """What inference did, the same on every device: ``inference_steps`` taken;
+  with the step guard, ``inference_lr`` (the β used) and ``inference_lambda_max``
+  (the estimate of the largest per-sample curvature: β/B times it stays
+  inside the bound)."""
+  report = {"inference_steps": progress.steps if inference.tolerance
+            else jnp.asarray(inference.steps, jnp.int32)}
+  if inference.step_guard:
+    report |= {"inference_lr": lr, "inference_lambda_max": eigenvalue}
+  return report
+
+
+def _loop(update: Callable, carry: tuple, num_steps: int, end: int, progress: _Progress,
+          tolerance: float, axis_name: str | None, unroll: bool) -> tuple[tuple, _Progress]:
+  """``num_steps`` steps of ``update`` (variables, state) -> (variables, state,
+  gradient) from ``carry``, in one compiled loop that carries nothing else.
+  With a ``tolerance``, a while loop that stops at step ``end`` (counted over
+  every loop of the schedule, in ``progress``) or once the global ‖gradient‖
+  has fallen below ``tolerance`` times its value at the first step."""
+  if not tolerance:
+    return jax.lax.fori_loop(0, num_steps, lambda _, c: update(*c)[:2], carry,
+                             unroll=unroll or 1), progress
+
+  def step(carry):
+    variables, state, p = carry
+    variables, state, grad = update(variables, state)
+    size = _global_sum_of_squares(grad, axis_name)
+    return variables, state, _Progress(p.steps + 1, jnp.where(p.steps == 0, size, p.first), size)
+
+  def going(carry):
+    p = carry[2]
+    return (p.steps < end) & (p.latest > tolerance ** 2 * p.first)
+
+  *carry, progress = jax.lax.while_loop(going, step, (*carry, progress))
+  return tuple(carry), progress
+
+
+def _descend_errors(model: Network, x: jax.Array, y: jax.Array, inference: Inference, loss: Loss,
+                    batch_size: int, axis_name: str | None, plan_: Plan,
+                    start_errors: tuple, feedforward: tuple) -> tuple[tuple, dict]:
+  """Error-parameterised inference: ``inference.steps`` optimiser steps on the
+  errors ε (per stage, [1 + R_s, B, ...]) from ``start_errors``, each on
+  ``jax.grad`` over ε of the one energy at the error-perturbed forward pass
+  (a forward and a backward pass through the whole network); ``feedforward``:
+  the feed-forward activities, per stage (the step guard's first vector). Returns the
+  final ε and what inference did (``_report``)."""
+  unrolled = plan_.per_layer or plan_.unroll
+
+  def energy_of(errors):
+    stages = forward.perturbed_stages(model, x, errors, unrolled)
+    return jnp.sum(energy_terms(errors, model.readout(model.phi(stages[-1][-1])), y, loss,
+                                batch_size))
+
+  lr, eigenvalue = _guarded_lr(inference, energy_of, start_errors, feedforward, batch_size,
+                               axis_name)
+  tx = inference.transformation(lr)
+
+  def update(errors, state):
+    grad = jax.grad(energy_of)(errors)
+    updates, state = tx.update(grad, state, errors)
+    return optax.apply_updates(errors, updates), state, grad
+
+  progress = _Progress(jnp.zeros((), jnp.int32), jnp.zeros(()), jnp.full((), jnp.inf))
+  (errors, _), progress = _loop(update, (start_errors, tx.init(start_errors)), inference.steps,
+                                inference.steps, progress, inference.tolerance, axis_name,
+                                plan_.unroll)
+  return errors, _report(inference, progress, lr, eigenvalue)
 
 
 def infer(model: Network, x: jax.Array, y: jax.Array, inference: Inference, *,
           z=None, loss: Loss = "mse", batch_size: int | None = None):
-  """Inference: up to ``inference.steps`` optimiser steps on the hidden activities.
+  """Inference: up to ``inference.steps`` optimiser steps on the hidden
+  activities (or, by ``inference.method``, on the errors).
 
   Args:
     model: the network (weights are held fixed).
     x: [B, D] clamped inputs.
     y: [B, C] clamped targets.
-    inference: the optimiser, its steps and rate, the schedule and the stop.
+    inference: the method, the optimiser, its steps and rate, the schedule and the stop.
     z: starting activities, as ``feedforward`` gives them; None starts
       from the feed-forward pass (the paper's recipe, and the only start the
-      wavefront schedule allows).
+      wavefront schedule allows). The errors method starts from their errors.
     loss: the output energy: "mse", "ce" or a ``pc.OutputLoss``.
     batch_size: B of the batch mean; defaults to x.shape[0].
 
@@ -432,6 +592,8 @@ def infer(model: Network, x: jax.Array, y: jax.Array, inference: Inference, *,
     The activities after inference, as z ([H, B, N] for the dense network).
   """
   plan_ = plan(inference.engine, model, x)
+  batch_size = batch_size or x.shape[0]
+  energy_loss = loss_of(loss).weighted(inference.output_precision)
   if z is None:
     stages = feedforward_stages(model, x, plan_)
     start_errors = None
@@ -441,8 +603,13 @@ def infer(model: Network, x: jax.Array, y: jax.Array, inference: Inference, *,
   else:
     stages = forward.as_stages(z)
     start_errors = tuple(z - mu for z, mu in zip(stages, forward.predictions(model, stages, x)))
-  delta, _ = _descend(model, _start(model, plan_, stages, start_errors), y, inference, loss,
-                      batch_size or x.shape[0], None)
+  if inference.method == "errors":
+    errors, _ = _descend_errors(model, x, y, inference, energy_loss, batch_size, None, plan_,
+                                start_errors or tuple(jnp.zeros_like(z) for z in stages), stages)
+    return forward.public_form(model, forward.perturbed_stages(
+        model, x, errors, plan_.per_layer or plan_.unroll))
+  delta, _ = _descend(model, _start(model, plan_, stages, start_errors), y, inference,
+                      energy_loss, batch_size, None)
   return forward.public_form(model, tuple(z + layouts.stacked(d) for z, d in zip(stages, delta)))
 
 
@@ -461,7 +628,8 @@ class InferenceResult(NamedTuple):
   CPU runtime a concatenation after the inference loop slows the loop
   itself). error_grads: ∂F/∂e_ℓ, per stage in the same layout (e_ℓ/B).
   output_grad: [B, C] ∂F/∂μ_L. Both are ``energy_gradients`` of the one
-  energy at the final errors and outputs; ∂F/∂μ_ℓ = −∂F/∂e_ℓ.
+  energy at the final errors and outputs, divided by the output precision γ;
+  ∂F/∂μ_ℓ = −∂F/∂e_ℓ.
   """
 
   phi: tuple
@@ -482,26 +650,43 @@ def pc_inference(model: Network, x: jax.Array, y: jax.Array, inference: Inferenc
       over: the stop at equilibrium then measures the global gradient.
 
   metrics are batch means (divided by ``batch_size``) of: ``loss`` (the
-  feed-forward output loss, which is also the energy before inference),
-  ``accuracy`` (feed-forward), ``energy`` (after inference) and
-  ``layer_energies`` [H + 1] (after inference); and ``inference_steps``, the
-  steps taken (T unless inference stopped early). Under data parallelism
-  the first four are local parts, to be summed over devices;
-  ``inference_steps`` is the same on every device.
+  feed-forward output loss, which is also the energy before inference at
+  γ = 1), ``accuracy`` (feed-forward), ``energy`` (after inference, its
+  output term weighted by γ) and ``layer_energies`` [H + 1] (after
+  inference); and ``inference_steps``, the steps taken (T unless inference
+  stopped early), with the step guard also ``inference_lr`` (the β used) and
+  ``inference_lambda_max`` (its estimate of λ_max, per sample). Under data parallelism
+  the first four are local parts, to be summed over devices; the
+  ``inference_*`` ones are the same on every device.
   """
   batch_size = batch_size or x.shape[0]
   plan_ = plan(inference.engine, model, x)
-  start = _start(model, plan_, feedforward_stages(model, x, plan_), None)
-  delta, steps_taken = _descend(model, start, y, inference, loss, batch_size, axis_name)
-  errors, phi = _errors(model, start, delta, 0, 0, jnp.zeros_like(start.z[0][0]), start.weights)
+  energy_loss = loss_of(loss).weighted(inference.output_precision)
+  feedforward = feedforward_stages(model, x, plan_)
+  if inference.method == "errors":
+    errors, report = _descend_errors(model, x, y, inference, energy_loss, batch_size,
+                                          axis_name, plan_,
+                                          tuple(jnp.zeros_like(z) for z in feedforward),
+                                          feedforward)
+    stages = forward.perturbed_stages(model, x, errors, plan_.per_layer or plan_.unroll)
+    errors, phi = (tuple(layouts.arrange(a, plan_.per_layer) for a in arrays)
+                   for arrays in (errors, tuple(model.phi(z) for z in stages)))
+    ff_outputs = model.readout(model.phi(feedforward[-1][-1]))
+  else:
+    start = _start(model, plan_, feedforward, None)
+    delta, report = _descend(model, start, y, inference, energy_loss, batch_size, axis_name)
+    errors, phi = _errors(model, start, delta, 0, 0, jnp.zeros_like(start.z[0][0]),
+                          start.weights)
+    ff_outputs = model.readout(start.phi[-1][-1])
   outputs = model.readout(phi[-1][-1])
-  ff_outputs = model.readout(start.phi[-1][-1])
-  per_layer = energy_terms(errors, outputs, y, loss, batch_size)
+  per_layer = energy_terms(errors, outputs, y, energy_loss, batch_size)
   metrics = {
       "loss": jnp.sum(loss_of(loss)(ff_outputs, y)) / batch_size,
       "accuracy": count_correct(ff_outputs, y) / batch_size,
       "energy": jnp.sum(per_layer),
       "layer_energies": per_layer,
-      "inference_steps": steps_taken,
-  }
-  return InferenceResult(phi, *energy_gradients(errors, outputs, y, loss, batch_size)), metrics
+  } | report
+  grads = energy_gradients(errors, outputs, y, energy_loss, batch_size)
+  if inference.output_precision != 1:  # the weight gradient's size independent of γ
+    grads = jax.tree.map(lambda g: g / inference.output_precision, grads)
+  return InferenceResult(phi, *grads), metrics
