@@ -161,8 +161,9 @@ class Inference:
                      nesterov=self.optimizer == "nesterov")
 
   def stability_bound(self) -> float:
-    """The largest β·λ at which the named optimiser converges on a quadratic
-    of curvature λ: 2 (gd), 2(1 + μ) (heavy ball), 2(1 + μ)/(1 + 2μ) (Nesterov)."""
+    """The largest step × curvature at which the named optimiser converges on a
+    quadratic (per sample: (β/B)·λ): 2 (gd), 2(1 + μ) (heavy ball),
+    2(1 + μ)/(1 + 2μ) (Nesterov)."""
     if self.optimizer == "nesterov":
       return 2 * (1 + self.momentum) / (1 + 2 * self.momentum)
     return 2 * (1 + self.momentum)
@@ -183,16 +184,16 @@ def wavefront_phases(hidden_layers: int, steps: int, phases: int) -> tuple[tuple
   """
   front = min(steps, hidden_layers)
   per_phase = math.ceil(front / phases) if front else 0
-  phases_: list[tuple[int, int]] = []
+  pieces: list[tuple[int, int]] = []
   done = 0
   while done < front:
     n = min(per_phase, front - done)
     done += n
-    phases_.append((hidden_layers - min(hidden_layers, done), n))
+    pieces.append((hidden_layers - min(hidden_layers, done), n))
   if steps > front:
-    phases_.append((0, steps - front))
+    pieces.append((0, steps - front))
   merged: list[tuple[int, int]] = []
-  for first, n in phases_:
+  for first, n in pieces:
     if merged and merged[-1][0] == first:
       merged[-1] = (first, merged[-1][1] + n)
     else:
