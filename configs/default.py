@@ -14,8 +14,9 @@ The text after ':' is a comma-separated list of variants and overrides:
                     1/4) under the step guard, and BP's weight learning rate (unless the
                     config measured another) with a cosine decay
   epc               error-parameterised PC (Goemaere et al. 2025): inference on the errors,
-                    T = 1 step of β = B/100 (a per-sample step of 0.01), BP's weight
-                    learning rate with a cosine decay (measured: README, "Error-parameterised PC")
+                    T = 1 step of β = B/100 (a per-sample step of 0.01), the weight learning
+                    rate of deep (BP's unless the config measured another) with a cosine
+                    decay (measured: docs/results.md, section 11)
   name=value        a field of config.model, config.engine, config.train or config.data by
                     its name, e.g. hidden_layers=32,width=256
 """
@@ -37,7 +38,7 @@ DEEP_STEP_PER_SAMPLE = 0.25
 DEEP_STEPS_PER_LAYER = 2
 # Error-parameterised PC: steps on the errors and the per-sample step β/B. One
 # small step carries BP's gradient to every layer; larger steps or more of
-# them move towards PC's equilibrium, further from BP (README, "Error-parameterised PC").
+# them move towards PC's equilibrium, further from BP (docs/results.md, section 11).
 EPC_STEPS = 1
 EPC_STEP_PER_SAMPLE = 0.01
 # Power iterations of the step guard in the deep variant: β is capped so that the
@@ -92,7 +93,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.inference_method = "states"  # states (PC) | errors (ePC: inference on the errors)
   config.train.output_precision = 1.0  # γ, the weight of the output energy (1: the paper)
   config.train.inference_step_guard = 0  # > 0: power iterations estimating λ_max; β capped to stay stable
-  config.train.schedule = "wavefront"  # wavefront | plain (same result; the errors method: plain)
+  config.train.schedule = "wavefront"  # wavefront | plain (same result); the errors method always runs plain
   config.train.phases = 8  # blocks of the wavefront schedule
 
   config.log_every_steps = 100

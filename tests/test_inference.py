@@ -233,6 +233,8 @@ def test_step_guard_keeps_a_small_step_and_the_wavefront():
   small = dict(optimizer="momentum", momentum=0.8, lr=0.5, step_guard=10)
   _, metrics = mf.pc_gradients(model, x, y, mf.Inference(6, **small))
   assert float(metrics["inference_lr"]) == 0.5
+  _, zero_batch = mf.pc_gradients(model, np.zeros_like(x), y, mf.Inference(6, **small))
+  assert float(zero_batch["inference_lr"]) == 0.5 and np.isfinite(float(zero_batch["energy"]))
   big = small | dict(lr=500.0)
   plain, front = (mf.infer(model, x, y, mf.Inference(4, schedule=s, phases=2, **big))
                   for s in ("plain", "wavefront"))

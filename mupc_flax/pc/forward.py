@@ -100,8 +100,9 @@ def feedforward(network, x: jax.Array, *, unrolled: bool | None = None) -> Any:
 
 def perturbed_stages(network, x: jax.Array, errors: tuple | None, unrolled: bool) -> tuple:
   """The error-perturbed forward pass of error-parameterised PC, per stage:
-  z_ℓ = μ_ℓ(z_{ℓ−1}) + ε_ℓ from x, with ``errors`` ε per stage shaped like
-  the activities ([1 + R_s, B, ...]); None: the feed-forward pass (ε = 0)."""
+  z_ℓ = μ_ℓ(z_{ℓ−1}) + ε_ℓ from x, with ``errors`` ε per stage as one
+  stacked array [1 + R_s, B, ...] (not a per-layer tuple); None: the
+  feed-forward pass (ε = 0)."""
   stages, below = [], x
   for s in range(len(network.stage_layers)):
     entry = network.entry(s, below)
