@@ -26,16 +26,51 @@ def mnist_data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session", autouse=True)
 def shared_compilation_cache(tmp_path_factory):
-  """The programs the tests run in subprocesses share one persistent compilation
-  cache: most compile the same small steps, and compiling is most of their time.
-  (This process imported JAX above, so its own compilations are unaffected.)"""
-  saved = {key: os.environ.get(key) for key in
-           ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")}
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax_cache"))
+  """One persistent compilation cache for this session: the programs the tests
+  run in subprocesses (through the environment: most compile the same small
+  steps) and this process itself, whose tests build fresh models and steps that
+  compile the same programs again and again. Compiling is most of the tests'
+  time; a cached executable is the one the compiler would have produced."""
+  from jax.experimental.compilation_cache import compilation_cache
+
+  folder = str(tmp_path_factory.mktemp("jax_cache"))
+  saved_env = {key: os.environ.get(key) for key in
+               ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")}
+  saved_config = {key: getattr(jax.config, key) for key in
+                  ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")}
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  # JAX read its environment when this process imported it, above: set its config.
+  jax.config.update("jax_compilation_cache_dir", folder)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  compilation_cache.reset_cache()  # in case anything compiled (without a cache) before
   yield
-  for key, value in saved.items():
+  for key, value in saved_env.items():
     if value is None:
       os.environ.pop(key, None)
     else:
       os.environ[key] = value
+  for key, value in saved_config.items():
+    jax.config.update(key, value)
+  compilation_cache.reset_cache()
+
+
+def _finished_run(tmp_path_factory, data_dir, name, *overrides):
+  from programs import run
+  workdir = tmp_path_factory.mktemp(name)
+  result = run(workdir, data_dir, *overrides)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir, result
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory, mnist_data_dir):
+  """The smoke config's run as it stands (60 steps, one device): (workdir, the
+  finished process). Tests only read it; one that runs on in a workdir copies it."""
+  return _finished_run(tmp_path_factory, mnist_data_dir, "smoke_run")
+
+
+@pytest.fixture(scope="session")
+def smoke_run_30_steps(tmp_path_factory, mnist_data_dir):
+  """The smoke run cut to 30 steps (one device): its workdir, to read or to copy."""
+  return _finished_run(tmp_path_factory, mnist_data_dir, "smoke_run_30", "--config.train.num_steps=30")[0]

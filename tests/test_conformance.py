@@ -7,6 +7,7 @@ a time, no engine code): the engine's closed forms, layouts, wavefront,
 sharding and checkpoints must all agree with ``jax.grad`` of it.
 """
 
+import concurrent.futures
 import shutil
 import sys
 
@@ -254,27 +255,55 @@ def test_coordinate_check_is_flat_in_width_under_mupc(name):
   assert np.all((ratio > 0.5) & (ratio < 2.0)), ratio
 
 
-@pytest.mark.parametrize("name", NETWORKS)
-def test_cli_trains_and_resumes_bit_identically(name, tmp_path, mnist_data_dir):
-  """The training program on real MNIST: it learns, and a rerun from the
-  middle checkpoint writes the same final checkpoint, bit for bit."""
+# The program's first run of 20 steps, and its rerun from the middle checkpoint.
+CLI_FLAGS = ["--config.train.num_steps=20", "--config.checkpoint_every_steps=10",
+             "--config.eval_every_steps=20", "--config.log_every_steps=10",
+             "--config.log_gradient_agreement=False"]  # resume is the point here, not PC–BP cosines
+
+
+def _train_and_resume(name, folder, data_dir):
+  """The first run into ``folder/run``; its final checkpoint moved aside to
+  ``folder/first`` (as though deleted); the rerun. (first, its checkpoint
+  steps, rerun): completed processes, read by the test."""
   smoke = ",".join(f"{k}={v}" for k, v in NETWORKS[name][1].items())
   config = f"configs/default.py:{smoke},smoke"
-  flags = ["--config.train.num_steps=20", "--config.checkpoint_every_steps=10",
-           "--config.eval_every_steps=20", "--config.log_every_steps=10",
-           "--config.log_gradient_agreement=False"]  # resume is the point here, not PC–BP cosines
-  first = run(tmp_path, mnist_data_dir, *flags, config=config)
+  workdir = folder / "run"
+  first = run(workdir, data_dir, *CLI_FLAGS, config=config)
+  steps = checkpoint_steps(workdir)
+  if first.returncode != 0 or steps != [10, 20]:
+    return first, steps, None
+  (folder / "first" / "checkpoints").mkdir(parents=True)
+  shutil.move(workdir / "checkpoints" / "20", folder / "first" / "checkpoints" / "20")
+  return first, steps, run(workdir, data_dir, *CLI_FLAGS, config=config)
+
+
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory, mnist_data_dir):
+  """Every network's pair of program runs, two networks at a time (each run
+  keeps about one core busy): name -> (folder, first, its checkpoint steps, rerun)."""
+  folders = {name: tmp_path_factory.mktemp(f"cli_{name}") for name in NETWORKS}
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    futures = {name: pool.submit(_train_and_resume, name, folder, mnist_data_dir)
+               for name, folder in folders.items()}
+    return {name: (folders[name], *future.result()) for name, future in futures.items()}
+
+
+@pytest.mark.parametrize("name", NETWORKS)
+def test_cli_trains_and_resumes_bit_identically(name, cli_runs):
+  """The training program on real MNIST: it learns, and a rerun from the
+  middle checkpoint writes the same final checkpoint, bit for bit."""
+  folder, first, steps, again = cli_runs[name]
+  workdir = folder / "run"
   assert first.returncode == 0, first.stderr[-3000:]
-  assert checkpoint_steps(tmp_path) == [10, 20]
-  final = load_checkpoint(tmp_path, 20)
-  shutil.rmtree(tmp_path / "checkpoints" / "20")
-  again = run(tmp_path, mnist_data_dir, *flags, config=config)
+  assert steps == [10, 20]
+  final = load_checkpoint(folder / "first", 20)
   assert again.returncode == 0, again.stderr[-3000:]
   assert "Resumed from step 10" in again.stderr
-  resumed = load_checkpoint(tmp_path, 20)
+  resumed = load_checkpoint(workdir, 20)
+  assert resumed.keys() == final.keys()
   for key in final:
     np.testing.assert_array_equal(resumed[key], final[key], err_msg=key)
-  records = metrics.read(tmp_path / "metrics.jsonl")
+  records = metrics.read(workdir / "metrics.jsonl")
   evals = [r for r in records if r["split"] == "eval"]
   assert evals[-1]["examples"] == 10_000 and evals[-1]["accuracy"] > 0.15  # chance: 0.1
   assert max(evals[-1]["weight_change"]) > 0  # the diagnostics see every network's weights

@@ -21,8 +21,10 @@ from mupc_flax import checkpointing
 from programs import (REPO, checkpoint_steps, command, environment, free_port, load_checkpoint,
                       start_processes, wait_for)
 
-STEPS = 300
-# The smoke model takes ≈15 ms a step on two CPU processes: a signal lands mid-run.
+STEPS = 160
+# The smoke model takes ≈15 ms a step on two CPU processes: a signal lands mid-run. The
+# faults below land by step ≈40 (the preemptions agree on steps 21 and 31), which leaves
+# the kill six saves to catch before the last (steps 40 to 140) and the rerun 120 steps.
 FAULTS = [f"--config.train.num_steps={STEPS}", "--config.checkpoint_every_steps=20",
           "--config.log_every_steps=10", f"--config.eval_every_steps={STEPS}",
           "--config.data.in_memory=False", "--peer_timeout=5"]

@@ -5,6 +5,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import signal
 import struct
 import subprocess
@@ -176,10 +177,9 @@ def test_the_networks_own_refusals_come_before_any_compute(arg, engine_kernel, m
 # --- End to end -------------------------------------------------------------------
 
 
-def test_smoke_run_writes_metrics_events_and_checkpoints(tmp_path, mnist_data_dir):
-  result = run(tmp_path, mnist_data_dir)
-  assert result.returncode == 0, result.stderr[-3000:]
-  records = metrics.read(tmp_path / "metrics.jsonl")
+def test_smoke_run_writes_metrics_events_and_checkpoints(smoke_run):
+  workdir, result = smoke_run
+  records = metrics.read(workdir / "metrics.jsonl")
   train_records = [r for r in records if r["split"] == "train"]
   evals = [r for r in records if r["split"] == "eval"]
   assert [r["step"] for r in train_records] == [10, 20, 30, 40, 50, 60]
@@ -192,9 +192,9 @@ def test_smoke_run_writes_metrics_events_and_checkpoints(tmp_path, mnist_data_di
   change = evals[-1]["weight_change"]
   assert len(change) == 5 and change[-1] > 0  # the readout moved
   assert train_records[0]["examples_per_second"] > 0 and "eta_seconds" in train_records[0]
-  assert checkpoint_steps(tmp_path) == [30, 60]
-  assert (tmp_path / "config.json").exists()
-  scalars = tensorboard_scalars(tmp_path)
+  assert checkpoint_steps(workdir) == [30, 60]
+  assert (workdir / "config.json").exists()
+  scalars = tensorboard_scalars(workdir)
   assert [s for s, _ in scalars["train/loss"]] == [10, 20, 30, 40, 50, 60]
   np.testing.assert_allclose(scalars["eval/accuracy"][-1][1], evals[-1]["accuracy"], rtol=1e-6)
   assert "[eval] step 60/60" in result.stderr  # the console log
@@ -247,23 +247,41 @@ def test_killed_run_resumes_bit_identically(tmp_path, mnist_data_dir):
       strip(metrics.read(tmp_path / "straight" / "metrics.jsonl"))
 
 
-@pytest.mark.parametrize("signum,line", [(signal.SIGTERM, "Preempted"), (signal.SIGINT, "Interrupted")])
-def test_sigterm_and_ctrl_c_save_the_current_step_and_exit_cleanly(tmp_path, mnist_data_dir, signum, line):
-  process = subprocess.Popen(command(tmp_path, mnist_data_dir, *RESUMABLE), cwd=REPO,
-                             env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
-  deadline = time.time() + 240
-  while not (tmp_path / "checkpoints" / "50").is_dir() and time.time() < deadline:
+def test_sigterm_and_ctrl_c_save_the_current_step_and_exit_cleanly(tmp_path, mnist_data_dir):
+  """SIGTERM (a preemption) to one run and SIGINT (Ctrl-C) to another, side by
+  side, each soon after its checkpoint 50."""
+  lines = {signal.SIGTERM: "Preempted", signal.SIGINT: "Interrupted"}
+  workdirs = {signum: tmp_path / signum.name for signum in lines}
+  logs = {signum: tmp_path / f"{signum.name}.log" for signum in lines}
+  processes = {}
+  for signum in lines:
+    with open(logs[signum], "w") as log:
+      processes[signum] = subprocess.Popen(command(workdirs[signum], mnist_data_dir, *RESUMABLE),
+                                           cwd=REPO, env=environment(), stdout=subprocess.DEVNULL,
+                                           stderr=log)
+  deadline, saw_50, pending = time.time() + 240, {}, set(lines)
+  while pending and time.time() < deadline:
+    for signum in list(pending):
+      if processes[signum].poll() is not None:  # ended by itself: the checks below say how
+        pending.discard(signum)
+      elif signum not in saw_50 and (workdirs[signum] / "checkpoints" / "50").is_dir():
+        saw_50[signum] = time.time()
+      elif signum in saw_50 and time.time() > saw_50[signum] + 0.2:
+        processes[signum].send_signal(signum)
+        pending.discard(signum)
     time.sleep(0.01)
-  time.sleep(0.2)
-  process.send_signal(signum)
-  _, stderr = process.communicate(timeout=120)
-  assert process.returncode == 0, stderr[-3000:]
-  assert f"{line}: saved step " in stderr and "; rerun the same command to resume." in stderr
-  saved = int(stderr.split(f"{line}: saved step ")[1].split()[0])
-  assert 50 < saved < 300 and checkpoint_steps(tmp_path)[-1] == saved
-  # The meta item records the step the checkpoint was saved at.
-  assert f'"step": {saved}' in (tmp_path / "checkpoints" / str(saved) / "meta" / "metadata").read_text()
+  for signum in pending:  # past the deadline: signal anyway, and let the checks say what ran
+    processes[signum].send_signal(signum)
+  for signum, line in lines.items():
+    processes[signum].wait(timeout=120)
+    stderr = logs[signum].read_text()
+    assert processes[signum].returncode == 0, stderr[-3000:]
+    assert f"{line}: saved step " in stderr and "; rerun the same command to resume." in stderr
+    saved = int(stderr.split(f"{line}: saved step ")[1].split()[0])
+    workdir = workdirs[signum]
+    assert 50 < saved < 300 and checkpoint_steps(workdir)[-1] == saved, (line, saved)
+    # The meta item records the step the checkpoint was saved at.
+    assert f'"step": {saved}' in (workdir / "checkpoints" / str(saved) / "meta" / "metadata").read_text()
 
 
 def test_a_second_ctrl_c_stops_at_once_without_saving():
@@ -279,49 +297,39 @@ def test_a_second_ctrl_c_stops_at_once_without_saving():
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
 
 
-def test_eight_devices_end_to_end_match_one(tmp_path, mnist_data_dir):
-  overrides = ["--config.train.num_steps=30"]
-  one = run(tmp_path / "one", mnist_data_dir, *overrides, devices=1)
-  eight = run(tmp_path / "eight", mnist_data_dir, *overrides, devices=8)
-  assert one.returncode == 0 and eight.returncode == 0, eight.stderr[-3000:]
+def test_eight_devices_end_to_end_match_one(tmp_path, mnist_data_dir, smoke_run_30_steps):
+  one = smoke_run_30_steps  # the same command on one device
+  eight = run(tmp_path / "eight", mnist_data_dir, "--config.train.num_steps=30", devices=8)
+  assert eight.returncode == 0, eight.stderr[-3000:]
   assert "8 devices in the mesh" in eight.stderr
-  a, b = load_checkpoint(tmp_path / "one", 30), load_checkpoint(tmp_path / "eight", 30)
+  a, b = load_checkpoint(one, 30), load_checkpoint(tmp_path / "eight", 30)
   for key in a:
     np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-5 * np.abs(a[key]).max(), err_msg=key)
-  eval_one = [r for r in metrics.read(tmp_path / "one" / "metrics.jsonl") if r["split"] == "eval"]
+  eval_one = [r for r in metrics.read(one / "metrics.jsonl") if r["split"] == "eval"]
   eval_eight = [r for r in metrics.read(tmp_path / "eight" / "metrics.jsonl") if r["split"] == "eval"]
   assert abs(eval_one[-1]["accuracy"] - eval_eight[-1]["accuracy"]) <= 2e-4
 
 
-SMALL = ["--config.train.num_steps=20", "--config.checkpoint_every_steps=20",
-         "--config.eval_every_steps=20", "--config.data.in_memory=False"]
+# The multi-process runs are the 30-step smoke run of conftest.py, which they must match.
+SMALL = ["--config.train.num_steps=30", "--config.data.in_memory=False"]
 
 
 def assert_same_run(reference, other):
-  a, b = load_checkpoint(reference, 20), load_checkpoint(other, 20)
+  a, b = load_checkpoint(reference, 30), load_checkpoint(other, 30)
   for key in a:
     np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-5 * np.abs(a[key]).max(), err_msg=key)
   last = lambda w: [r for r in metrics.read(w / "metrics.jsonl") if r["split"] == "eval"][-1]
   assert abs(last(reference)["accuracy"] - last(other)["accuracy"]) <= 2e-4
 
 
-@pytest.fixture(scope="module")
-def two_device_reference(tmp_path_factory, mnist_data_dir):
-  """The 20-step smoke run as one process with two devices."""
-  workdir = tmp_path_factory.mktemp("reference")
-  result = run(workdir, mnist_data_dir, *SMALL, devices=2)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return workdir
-
-
-def test_two_processes_via_local_launcher_match_one(tmp_path, mnist_data_dir, two_device_reference):
+def test_two_processes_via_local_launcher_match_one(tmp_path, mnist_data_dir, smoke_run_30_steps):
   env = dict(environment(devices=1), PROCESSES="2", PYTHON=sys.executable)
   result = subprocess.run(["launch/local.sh", "configs/default.py:smoke", str(tmp_path),
                            f"--config.data.data_dir={mnist_data_dir}", *SMALL],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "process 0 of 2" in result.stderr and "process 1 of 2" in result.stderr
-  assert_same_run(two_device_reference, tmp_path)
+  assert_same_run(smoke_run_30_steps, tmp_path)
 
 
 FAKE_SRUN = """#!/usr/bin/env bash
@@ -339,7 +347,7 @@ exit $status
 """
 
 
-def test_slurm_script_runs_a_detected_multi_process_job(tmp_path, mnist_data_dir, two_device_reference):
+def test_slurm_script_runs_a_detected_multi_process_job(tmp_path, mnist_data_dir, smoke_run_30_steps):
   fake_bin = tmp_path / "bin"
   fake_bin.mkdir()
   (fake_bin / "srun").write_text(FAKE_SRUN)
@@ -353,50 +361,52 @@ def test_slurm_script_runs_a_detected_multi_process_job(tmp_path, mnist_data_dir
                            *SMALL], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "process 1 of 2" in result.stderr  # jax.distributed found the job from SLURM's variables
-  assert_same_run(two_device_reference, tmp_path / "runs" / "smoke")
+  assert_same_run(smoke_run_30_steps, tmp_path / "runs" / "smoke")
 
 
 # --- Faults -------------------------------------------------------------------------
 
 
-def test_corrupt_newest_checkpoint_is_skipped_and_a_changed_config_is_recorded(tmp_path, mnist_data_dir):
+def test_corrupt_newest_checkpoint_is_skipped_and_a_changed_config_is_recorded(tmp_path, mnist_data_dir,
+                                                                            smoke_run):
   """The rerun, with another learning rate, falls back from the unreadable
   checkpoint 60 to 30, names the changed fields, keeps config.json beside
   config.30.json, and drops what was logged after step 30 (from metrics.jsonl
   and TensorBoard alike) before logging it again: each step appears once."""
-  assert run(tmp_path, mnist_data_dir).returncode == 0
-  for blob in (tmp_path / "checkpoints" / "60" / "model").rglob("d/*"):
+  workdir = pathlib.Path(shutil.copytree(smoke_run[0], tmp_path / "run"))  # a finished smoke run
+  for blob in (workdir / "checkpoints" / "60" / "model").rglob("d/*"):
     blob.write_bytes(b"garbage")
-  resumed = run(tmp_path, mnist_data_dir, "--config.train.num_steps=90",
+  resumed = run(workdir, mnist_data_dir, "--config.train.num_steps=90",
                 "--config.train.learning_rate=0.05")
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "Checkpoint 60" in resumed.stderr and "unreadable" in resumed.stderr
   assert "Resumed from step 30" in resumed.stderr
-  assert checkpoint_steps(tmp_path) == [30, 60, 90]
-  set_aside = list((tmp_path / "checkpoints.unreadable").iterdir())
+  assert checkpoint_steps(workdir) == [30, 60, 90]
+  set_aside = list((workdir / "checkpoints.unreadable").iterdir())
   assert len(set_aside) == 1 and set_aside[0].name.startswith("60-")  # kept for inspection
 
   assert "train.learning_rate: 0.1 → 0.05; train.num_steps: 60 → 90." in resumed.stderr
   assert "config.json is kept; this run's config, from step 30 on, is in config.30.json" in resumed.stderr
-  kept = json.loads((tmp_path / "config.json").read_text())
+  kept = json.loads((workdir / "config.json").read_text())
   assert kept["train"]["learning_rate"] == 0.1 and kept["train"]["num_steps"] == 60
-  assert json.loads((tmp_path / "config.30.json").read_text())["train"]["learning_rate"] == 0.05
-  steps = [s for s, _ in tensorboard_scalars(tmp_path)["train/loss"]]
+  assert json.loads((workdir / "config.30.json").read_text())["train"]["learning_rate"] == 0.05
+  steps = [s for s, _ in tensorboard_scalars(workdir)["train/loss"]]
   assert sorted(steps) == list(range(10, 100, 10)), steps
-  assert [r["step"] for r in metrics.read(tmp_path / "metrics.jsonl") if r["split"] == "train"] == \
+  assert [r["step"] for r in metrics.read(workdir / "metrics.jsonl") if r["split"] == "train"] == \
       list(range(10, 100, 10))
 
 
-def test_non_finite_energy_stops_and_keeps_the_last_good_checkpoint(tmp_path, mnist_data_dir):
-  assert run(tmp_path, mnist_data_dir, "--config.train.num_steps=30").returncode == 0
-  before = load_checkpoint(tmp_path, 30)
-  diverging = run(tmp_path, mnist_data_dir, "--config.train.num_steps=60",
+def test_non_finite_energy_stops_and_keeps_the_last_good_checkpoint(tmp_path, mnist_data_dir,
+                                                                    smoke_run_30_steps):
+  workdir = pathlib.Path(shutil.copytree(smoke_run_30_steps, tmp_path / "run"))  # 30 steps done
+  before = load_checkpoint(workdir, 30)
+  diverging = run(workdir, mnist_data_dir, "--config.train.num_steps=60",
                   "--config.train.inference_lr=1e9")
   assert diverging.returncode == 1
   last_line = diverging.stderr.strip().splitlines()[-1]
   assert last_line.startswith("error: Non-finite energy at step 31"), last_line
-  assert checkpoint_steps(tmp_path) == [30]
-  after = load_checkpoint(tmp_path, 30)
+  assert checkpoint_steps(workdir) == [30]
+  after = load_checkpoint(workdir, 30)
   for key in before:
     np.testing.assert_array_equal(before[key], after[key])
 
