@@ -13,7 +13,8 @@ K blocks, 4 heads), whose inference takes the general path (``jax.grad`` of
 the energy; its FLOPs are not counted).
 
 One step = feed-forward start + T = H inference steps + Adam update, μPC,
-ReLU, batch 64 (MUPC.md's recipe). For every config, all variants are timed
+ReLU, batch 64 (MUPC.md's recipe); BP and ePC (the `epc` variant: one step
+on the errors) are timed beside it. For every config, all variants are timed
 round-robin in the same process (this machine is shared and noisy, so only
 medians and ratios measured side by side mean anything): median seconds per
 step over --repeats rounds after warm-up, compile time apart. FLOPs are
@@ -54,6 +55,8 @@ from mupc_flax.networks.layers import PRECISIONS  # noqa: E402
 IN_FEATURES, CLASSES = 784, 10
 # configs/default.py's `deep` variant at batch 64.
 DEEP_RECIPE = dict(optimizer="momentum", momentum=0.9, lr=16.0, steps_per_layer=2)
+# configs/default.py's `epc` variant at batch 64: one step on the errors.
+EPC_RECIPE = dict(method="errors", schedule="plain", steps=1, lr=0.64)
 
 
 @dataclasses.dataclass
@@ -126,6 +129,9 @@ def step_flops(entry: float, branch: list[float], readout: float, blocks, algori
   forward = entry + above(1)
   if algorithm == "bp":  # forward, then gradients w.r.t. activations and weights
     return forward + 2 * above(1) + entry
+  if algorithm == "epc":  # feed-forward; T × (perturbed forward, backward to the errors); final forward
+    steps = sum(steps for _, steps in blocks)
+    return (2 + steps) * forward + steps * above(1) + entry + above(1)
   inference = sum(steps * 2 * above(first + 1) + (branch[first] if first else 0)
                   for first, steps in blocks)
   final = above(1)  # errors at the final activities
@@ -182,7 +188,7 @@ def ours(name, config, batch, mesh, *, algorithm="pc", engine=None, steps_per_la
   model = build(config, **model_options)
   hidden = model.hidden_layers
   optimizer = nnx.Optimizer(model, optax.adam(0.1), wrt=nnx.Param)
-  inference = mf.Inference(steps_per_layer * hidden, options.pop("lr", 0.5),
+  inference = mf.Inference(options.pop("steps", steps_per_layer * hidden), options.pop("lr", 0.5),
                            engine=mf.Engine(**(engine or {})), **options) \
       if algorithm == "pc" else None
   step = mf.make_train_step(model, optimizer, mesh, algorithm=algorithm, inference=inference,
@@ -205,7 +211,8 @@ def ours(name, config, batch, mesh, *, algorithm="pc", engine=None, steps_per_la
   blocks = phases_for(hidden) if inference else ()
   moved = (inference_bytes(model, batch, blocks, inference.engine.kernel == "pallas")
            if inference else float("nan"))
-  return Variant(name, run, state, step_flops(*layer_flops(model, batch), blocks, algorithm),
+  counted = "epc" if inference and inference.method == "errors" else algorithm
+  return Variant(name, run, state, step_flops(*layer_flops(model, batch), blocks, counted),
                  moved, model.precision, compile_seconds, memory)
 
 
@@ -276,6 +283,7 @@ def main():
       variants += [reference("reference, fully jitted", width, hidden, b, host_loop=False),
                    reference("reference, host loop", width, hidden, b, host_loop=True)]
     variants.append(ours("mupc_flax BP", config, b, mesh, algorithm="bp"))
+    variants.append(ours("mupc_flax ePC (configs: epc)", config, b, mesh, **EPC_RECIPE))
     if args.levers:  # the inference optimisers at the paper's T, and the deep recipe (configs: deep)
       variants += [
           ours("inference: heavy-ball momentum", config, b, mesh, optimizer="momentum", momentum=0.9),

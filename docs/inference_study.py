@@ -1,19 +1,29 @@
 """One epoch of real MNIST per (network, recipe, seed): test accuracy, mean ± spread.
 
     python docs/inference_study.py --workdir=runs/inference_study \\
-        --networks=width=128,hidden_layers=16 --recipes=bp,epc,deep --seeds=0,1,2
+        --networks width=128,hidden_layers=16 --recipes bp epc deep --seeds=0,1,2
+    python docs/inference_study.py --workdir=runs/inference_study --config=configs/mnist_conv.py \\
+        --networks residual_layers=6 --recipes bp epc
 
-Each point is an ordinary run of ``configs/default.py`` with the network's
-fields, the recipe (a config variant; ``bp`` is given the cosine decay the
-``deep`` and ``epc`` variants use, so every recipe has the same weight
-schedule) and ``seed``; a finished point is read back, not rerun. Prints a
-markdown table: per network and recipe, the mean and the spread (max − min)
-of the final test accuracy over the seeds, the smallest per-matrix weight
-change as a fraction of BP's, the smallest per-matrix PC–BP gradient cosine
-at the last evaluation (PC only) and the median s/step (batch 64).
+Each point is an ordinary run of ``--config`` with the network's fields, the
+recipe and ``seed``; a finished point is read back, not rerun. A recipe is a
+name of ``RECIPES`` or ``label:spec`` with ``spec`` a config argument (variants
+and overrides, e.g. ``epc5:epc,inference_steps=5``). Per-sample steps are
+written for batch 64 (β = 64 × step). ``bp`` is given the cosine decay the
+``deep`` and ``epc`` variants use, and with ``--bp_learning_rate`` the PC
+recipe's η, so every recipe has the same weight schedule.
+
+Prints a markdown table: per network and recipe, the mean and the spread
+(max − min) of the final test accuracy over the seeds, the smallest
+per-matrix weight change as a fraction of BP's, the smallest per-matrix
+PC–BP gradient cosine at initialisation (seed 0, the first 64 test examples)
+and at the last evaluation (PC only, mean over seeds), the median s/step
+(batch 64) and its ratio to the BP row's (runs one after another on a shared
+machine: rough; ``benchmarks/step_benchmark.py`` times them side by side).
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import pathlib
@@ -21,20 +31,45 @@ import statistics
 import subprocess
 import sys
 
+import numpy as np
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
-# bp on the same weight schedule as the PC recipes it is compared with.
-RECIPES = {"bp": "bp,lr_schedule=cosine"}
+# Named recipes: config arguments appended to the network's fields. The ePC
+# steps are per sample (β = 64 s): s = 0.01 is the variant's, 0.1 the step
+# that collapsed at 128 × 64 in the issue's calibration, T = 10 at s = 0.25
+# runs close to PC's equilibrium (ePC's fixed point is state PC's).
+RECIPES = {
+    "bp": "bp,lr_schedule=cosine",
+    "paper": "",
+    "deep": "deep",
+    "deep_gamma": "deep,output_precision=0.01",
+    "epc": "epc",
+    "epc_t3": "epc,inference_steps=3,inference_lr=6.4",
+    "epc_t10": "epc,inference_steps=10,inference_lr=16",
+    "epc_s0.1": "epc,inference_lr=6.4",
+    "epc_s0.1_guard": "epc,inference_lr=6.4,inference_step_guard=5",
+}
 
 
-def run(workdir: pathlib.Path, network: str, recipe: str, seed: int) -> list[dict]:
+def recipe_spec(recipe: str, bp_learning_rate: float | None) -> tuple[str, str]:
+  """(label, config argument) of a recipe name or ``label:spec``."""
+  label, _, spec = recipe.partition(":")
+  spec = spec if spec else RECIPES[label]
+  if label == "bp" and bp_learning_rate:
+    spec += f",learning_rate={bp_learning_rate}"
+  return label, spec
+
+
+def run(workdir: pathlib.Path, config: str, network: str, label: str, spec: str,
+        seed: int) -> list[dict]:
   """The metrics records of one point, training it first unless it finished."""
-  point = workdir / f"{network.replace('=', '').replace(',', '_')}_{recipe}_s{seed}"
+  point = workdir / f"{network.replace('=', '').replace(',', '_')}_{label}_s{seed}"
   log, done = point / "metrics.jsonl", point / "finished"
   if not done.exists():
-    config = f"configs/default.py:{network},{RECIPES.get(recipe, recipe)}"
-    result = subprocess.run([sys.executable, "-m", "mupc_flax.main", f"--config={config}",
-                             f"--workdir={point}", f"--config.seed={seed}",
-                             "--config.log_every_steps=100"],
+    argument = ",".join(filter(None, (network, spec)))
+    result = subprocess.run([sys.executable, "-m", "mupc_flax.main",
+                             f"--config={config}:{argument}", f"--workdir={point}",
+                             f"--config.seed={seed}", "--config.log_every_steps=100"],
                             cwd=REPO, env=os.environ | {"PYTHONPATH": str(REPO)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if result.returncode:
@@ -43,23 +78,53 @@ def run(workdir: pathlib.Path, network: str, recipe: str, seed: int) -> list[dic
   return [json.loads(line) for line in log.read_text().splitlines()]
 
 
+def initial_cosines(workdir: pathlib.Path, config: str, network: str, label: str,
+                    spec: str) -> list[float] | None:
+  """Per-matrix PC–BP gradient cosines of the seed-0 network at initialisation
+  on the first 64 test examples (None for BP), cached beside the points."""
+  cache = workdir / f"{network.replace('=', '').replace(',', '_')}_{label}_init.json"
+  if not cache.exists():
+    sys.path.insert(0, str(REPO))
+    from mupc_flax import data, diagnostics, train  # noqa: PLC0415 (only when computing)
+    module_spec = importlib.util.spec_from_file_location("study_config", REPO / config)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    cfg = module.get_config(",".join(filter(None, (network, spec))))
+    cosines = None
+    if cfg.train.algorithm == "pc":
+      _, test = train.load_splits(cfg)
+      model = train.build_model(cfg, test.spec)
+      batch = data.pipeline.preprocess(*test.read(np.arange(64)), test.spec)
+      cosines = diagnostics.pc_bp_agreement(model, batch["x"], batch["y"],
+                                            train.inference_of(cfg, model),
+                                            loss=cfg.train.loss)["layer_cosines"]
+    workdir.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(cosines))
+  return json.loads(cache.read_text())
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--workdir", required=True, type=pathlib.Path)
+  parser.add_argument("--config", default="configs/default.py")
   parser.add_argument("--networks", nargs="+", default=["width=128,hidden_layers=16"])
-  parser.add_argument("--recipes", default="bp,epc,deep")
+  parser.add_argument("--recipes", nargs="+", default=["bp", "epc", "deep"])
+  parser.add_argument("--bp_learning_rate", type=float, default=None,
+                      help="BP's η (default: the config's bp variant's)")
   parser.add_argument("--seeds", default="0,1,2")
   args = parser.parse_args()
   seeds = [int(s) for s in args.seeds.split(",")]
-  print("| network | recipe | test accuracy (mean, spread) | seeds | min change / BP's | "
-        "PC–BP cosine (last eval) | s/step |\n|---|---|---|---|---|---|---|")
+  print(f"{args.config}\n\n| network | recipe | test accuracy (mean, spread) | seeds | "
+        "min change / BP's | min PC–BP cosine, init | min PC–BP cosine, end | s/step | / BP's |\n"
+        "|---|---|---|---|---|---|---|---|---|")
   for network in args.networks:
-    bp_change = None
-    for recipe in args.recipes.split(","):
+    bp_change = bp_speed = None
+    for recipe in args.recipes:
+      label, spec = recipe_spec(recipe, args.bp_learning_rate)
       accuracies, changes, cosines, speeds = [], [], [], []
       for seed in seeds:
-        records = run(args.workdir, network, recipe, seed)
+        records = run(args.workdir, args.config, network, label, spec, seed)
         final = [r for r in records if r["split"] == "eval"][-1]
         accuracies.append(100 * final["accuracy"])
         changes.append(final.get("weight_change"))
@@ -67,14 +132,17 @@ def main():
         speeds += [64 / r["examples_per_second"] for r in records
                    if r["split"] == "train" and r.get("examples_per_second")]
       change = [statistics.mean(c) for c in zip(*changes)] if all(changes) else None
-      if recipe == "bp":
-        bp_change = change
+      speed = statistics.median(speeds) if speeds else float("nan")
+      if label == "bp":
+        bp_change, bp_speed = change, speed
       ratio = (min(c / b for c, b in zip(change, bp_change)) if change and bp_change else None)
-      cosine = (f"{statistics.mean(cosines):.3f}" if all(c is not None for c in cosines) else "—")
-      print(f"| {network} | {recipe} | {statistics.mean(accuracies):.2f} % "
+      at_init = initial_cosines(args.workdir, args.config, network, label, spec)
+      end = (f"{statistics.mean(cosines):.3f}" if all(c is not None for c in cosines) else "—")
+      print(f"| {network} | {label} | {statistics.mean(accuracies):.2f} % "
             f"({max(accuracies) - min(accuracies):.2f}) | {len(seeds)} | "
-            f"{'—' if ratio is None else f'{ratio:.2f}'} | {cosine} | "
-            f"{statistics.median(speeds) if speeds else float('nan'):.3f} |", flush=True)
+            f"{'—' if ratio is None else f'{ratio:.2f}'} | "
+            f"{'—' if at_init is None else f'{min(at_init):.3f}'} | {end} | {speed:.3f} | "
+            f"{speed / bp_speed if bp_speed else float('nan'):.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -168,7 +168,7 @@ def make_train_step(model: pc.Network, optimizer: nnx.Optimizer,
   def compiled(x):
     key = (x.shape, x.dtype)
     if key not in built:
-      per_layer = algorithm == "pc" and pc.plan(inference.engine, model, x).per_layer
+      per_layer = algorithm == "pc" and pc.plan(inference.engine, model, x, inference.method).per_layer
       built[key] = build(per_layer)
     return built[key]
 

@@ -100,14 +100,16 @@ def test_bad_arguments_give_clear_errors(kwargs, match):
 def test_auto_plan_follows_the_cpu_measurements():
   """The engine's defaults, from the backend and the network's shapes alone."""
   x = np.zeros((2, 784), np.float32)
-  plan = lambda model, **engine: mf.pc.plan(mf.Engine(**engine), model, x)
+  plan = lambda model, method="states", **engine: mf.pc.plan(mf.Engine(**engine), model, x, method)
   dense = lambda width: mf.ResidualPCN(784, width, 8, 3, rngs=nnx.Rngs(0))
   assert plan(dense(256)) == mf.pc.Plan(True, False, False, True, "xla")  # 7·256² > 2^17
   assert plan(dense(128)) == mf.pc.Plan(False, False, False, True, "xla")
+  assert plan(dense(256), "errors").per_layer is False  # ePC's forward and backward passes: stacked
   assert plan(dense(256), kernel="pallas").per_layer is False
   assert plan(dense(256), layout="stacked", closed_form=False) == mf.pc.Plan(False, False, False, False, "xla")
   conv = mf.ConvResidualPCN((28, 28, 1), (4, 8), 1, 3, rngs=nnx.Rngs(0))
   assert plan(conv) == mf.pc.Plan(True, True, True, True, "xla")  # convolutions: per layer, unrolled
+  assert plan(conv, "errors") == plan(conv)
   vit = mf.TransformerPCN((28, 28, 1), 7, 8, 1, 3, heads=2, rngs=nnx.Rngs(0))
   assert plan(vit) == mf.pc.Plan(True, True, False, False, "xla")  # per-layer weights, no closed form
   with pytest.raises(ValueError, match="per-layer tuples"):

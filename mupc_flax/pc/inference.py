@@ -605,7 +605,7 @@ def infer(model: Network, x: jax.Array, y: jax.Array, inference: Inference, *,
   Returns:
     The activities after inference, as z ([H, B, N] for the dense network).
   """
-  plan_ = plan(inference.engine, model, x)
+  plan_ = plan(inference.engine, model, x, inference.method)
   batch_size = batch_size or x.shape[0]
   energy_loss = loss_of(loss).weighted(inference.output_precision)
   if z is None:
@@ -674,7 +674,7 @@ def pc_inference(model: Network, x: jax.Array, y: jax.Array, inference: Inferenc
   ``inference_*`` ones are the same on every device.
   """
   batch_size = batch_size or x.shape[0]
-  plan_ = plan(inference.engine, model, x)
+  plan_ = plan(inference.engine, model, x, inference.method)
   energy_loss = loss_of(loss).weighted(inference.output_precision)
   feedforward = feedforward_stages(model, x, plan_)
   if inference.method == "errors":
