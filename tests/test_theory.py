@@ -67,3 +67,11 @@ def test_errors_reach_the_states_equilibrium():
   for grads, metrics in (states, errors):
     np.testing.assert_allclose(float(metrics["energy"]), expected, rtol=1e-4)
   assert cosine(errors[0], states[0]) > 0.9999
+  # The stop at equilibrium: early, near the minimum, and on the fixed-T path.
+  stopped = mf.pc_gradients(model, x, y, mf.Inference(300, 0.2 * batch, method="errors",
+                                                      tolerance=1e-2))
+  steps = int(stopped[1]["inference_steps"])
+  assert 1 < steps < 300
+  np.testing.assert_allclose(float(stopped[1]["energy"]), expected, rtol=1e-2)
+  fixed = mf.pc_gradients(model, x, y, mf.Inference(steps, 0.2 * batch, method="errors"))
+  np.testing.assert_allclose(float(stopped[1]["energy"]), float(fixed[1]["energy"]), rtol=1e-6)

@@ -556,34 +556,45 @@ def _loop(update: Callable, carry: tuple, num_steps: int, end: int, progress: _P
 
 def _descend_errors(model: Network, x: jax.Array, y: jax.Array, inference: Inference, loss: Loss,
                     batch_size: int, axis_name: str | None, plan_: Plan,
-                    start_errors: tuple, feedforward: tuple) -> tuple[tuple, dict]:
+                    start_errors: tuple) -> tuple[tuple, dict, tuple]:
   """Error-parameterised inference: ``inference.steps`` optimiser steps on the
   errors ε (per stage, [1 + R_s, B, ...]) from ``start_errors``, each on
   ``jax.grad`` over ε of the one energy at the error-perturbed forward pass
-  (a forward and a backward pass through the whole network); ``feedforward``:
-  the feed-forward activities, per stage (the step guard's first vector). Returns the
-  final ε and what inference did (``_report``)."""
+  (a forward and a backward pass through the whole network). Returns the
+  final ε, what inference did (``_report``) and the activities at the start
+  (per stage; at zero errors, the feed-forward pass).
+
+  The first step is taken outside the loop: its forward pass is the start's
+  (the feed-forward pass the caller would otherwise run again), and the step
+  guard's first vector.
+  """
   unrolled = plan_.per_layer or plan_.unroll
 
-  def energy_of(errors):
+  def energy_and_stages(errors):
     stages = forward.perturbed_stages(model, x, errors, unrolled)
     return jnp.sum(energy_terms(errors, model.readout(model.phi(stages[-1][-1])), y, loss,
-                                batch_size))
+                                batch_size)), stages
 
-  lr, eigenvalue = _guarded_lr(inference, energy_of, start_errors, feedforward, batch_size,
+  energy_of = lambda errors: energy_and_stages(errors)[0]
+  (_, start_stages), first_grad = jax.value_and_grad(energy_and_stages, has_aux=True)(start_errors)
+  lr, eigenvalue = _guarded_lr(inference, energy_of, start_errors, start_stages, batch_size,
                                axis_name)
   tx = inference.transformation(lr)
 
+  def apply(errors, state, grad):
+    updates, state = tx.update(grad, state, errors)
+    return optax.apply_updates(errors, updates), state
+
   def update(errors, state):
     grad = jax.grad(energy_of)(errors)
-    updates, state = tx.update(grad, state, errors)
-    return optax.apply_updates(errors, updates), state, grad
+    return *apply(errors, state, grad), grad
 
-  progress = _Progress(jnp.zeros((), jnp.int32), jnp.zeros(()), jnp.full((), jnp.inf))
-  (errors, _), progress = _loop(update, (start_errors, tx.init(start_errors)), inference.steps,
-                                inference.steps, progress, inference.tolerance, axis_name,
-                                plan_.unroll)
-  return errors, _report(inference, progress, lr, eigenvalue)
+  first_size = _global_sum_of_squares(first_grad, axis_name)
+  progress = _Progress(jnp.ones((), jnp.int32), first_size, first_size)
+  (errors, _), progress = _loop(update, apply(start_errors, tx.init(start_errors), first_grad),
+                                inference.steps - 1, inference.steps, progress,
+                                inference.tolerance, axis_name, plan_.unroll)
+  return errors, _report(inference, progress, lr, eigenvalue), start_stages
 
 
 def infer(model: Network, x: jax.Array, y: jax.Array, inference: Inference, *,
@@ -618,8 +629,8 @@ def infer(model: Network, x: jax.Array, y: jax.Array, inference: Inference, *,
     stages = forward.as_stages(z)
     start_errors = tuple(z - mu for z, mu in zip(stages, forward.predictions(model, stages, x)))
   if inference.method == "errors":
-    errors, _ = _descend_errors(model, x, y, inference, energy_loss, batch_size, None, plan_,
-                                start_errors or tuple(jnp.zeros_like(z) for z in stages), stages)
+    errors, _, _ = _descend_errors(model, x, y, inference, energy_loss, batch_size, None, plan_,
+                                   start_errors or tuple(jnp.zeros_like(z) for z in stages))
     return forward.public_form(model, forward.perturbed_stages(
         model, x, errors, plan_.per_layer or plan_.unroll))
   delta, _ = _descend(model, _start(model, plan_, stages, start_errors), y, inference,
@@ -676,18 +687,19 @@ def pc_inference(model: Network, x: jax.Array, y: jax.Array, inference: Inferenc
   batch_size = batch_size or x.shape[0]
   plan_ = plan(inference.engine, model, x, inference.method)
   energy_loss = loss_of(loss).weighted(inference.output_precision)
-  feedforward = feedforward_stages(model, x, plan_)
   if inference.method == "errors":
-    errors, report = _descend_errors(model, x, y, inference, energy_loss, batch_size,
-                                          axis_name, plan_,
-                                          tuple(jnp.zeros_like(z) for z in feedforward),
-                                          feedforward)
+    zeros = tuple(jnp.zeros(z.shape, z.dtype) for z in
+                  jax.eval_shape(lambda: feedforward_stages(model, x, plan_)))
+    if axis_name:  # per sample, as the batch is: split over the devices
+      zeros = jax.lax.pcast(zeros, axis_name, to="varying")
+    errors, report, feedforward = _descend_errors(model, x, y, inference, energy_loss,
+                                                  batch_size, axis_name, plan_, zeros)
     stages = forward.perturbed_stages(model, x, errors, plan_.per_layer or plan_.unroll)
     errors, phi = (tuple(layouts.arrange(a, plan_.per_layer) for a in arrays)
                    for arrays in (errors, tuple(model.phi(z) for z in stages)))
     ff_outputs = model.readout(model.phi(feedforward[-1][-1]))
   else:
-    start = _start(model, plan_, feedforward, None)
+    start = _start(model, plan_, feedforward_stages(model, x, plan_), None)
     delta, report = _descend(model, start, y, inference, energy_loss, batch_size, axis_name)
     errors, phi = _errors(model, start, delta, 0, 0, jnp.zeros_like(start.z[0][0]),
                           start.weights)
