@@ -46,6 +46,7 @@ RECIPES = {
     "epc": "epc",
     "epc_t3": "epc,inference_steps=3,inference_lr=6.4",
     "epc_t10": "epc,inference_steps=10,inference_lr=16",
+    "epc_t10_guard": "epc,inference_steps=10,inference_lr=16,inference_step_guard=5",
     "epc_s0.1": "epc,inference_lr=6.4",
     "epc_s0.1_guard": "epc,inference_lr=6.4,inference_step_guard=5",
 }
@@ -113,11 +114,14 @@ def main():
   parser.add_argument("--bp_learning_rate", type=float, default=None,
                       help="BP's η (default: the config's bp variant's)")
   parser.add_argument("--seeds", default="0,1,2")
+  parser.add_argument("--gap_figure", type=pathlib.Path, default=None,
+                      help="also draw BP's lead over each recipe against N/L (dense networks)")
   args = parser.parse_args()
   seeds = [int(s) for s in args.seeds.split(",")]
   print(f"{args.config}\n\n| network | recipe | test accuracy (mean, spread) | seeds | "
         "min change / BP's | min PC–BP cosine, init | min PC–BP cosine, end | s/step | / BP's |\n"
         "|---|---|---|---|---|---|---|---|---|")
+  means = {}  # (network, label) -> [accuracy of each seed]
   for network in args.networks:
     bp_change = bp_speed = None
     for recipe in args.recipes:
@@ -131,6 +135,7 @@ def main():
         cosines.append(min(final["pc_bp_cosines"]) if "pc_bp_cosines" in final else None)
         speeds += [64 / r["examples_per_second"] for r in records
                    if r["split"] == "train" and r.get("examples_per_second")]
+      means[network, label] = accuracies
       change = [statistics.mean(c) for c in zip(*changes)] if all(changes) else None
       speed = statistics.median(speeds) if speeds else float("nan")
       if label == "bp":
@@ -143,6 +148,43 @@ def main():
             f"{'—' if ratio is None else f'{ratio:.2f}'} | "
             f"{'—' if at_init is None else f'{min(at_init):.3f}'} | {end} | {speed:.3f} | "
             f"{speed / bp_speed if bp_speed else float('nan'):.1f} |", flush=True)
+  if args.gap_figure:
+    gap_figure(means, args.gap_figure)
+
+
+def gap_figure(accuracies: dict, path: pathlib.Path) -> None:
+  """BP's mean test accuracy minus each recipe's (points, with the range over
+  seeds of the recipe) against N/L = width / (hidden_layers + 1), one line
+  per recipe and depth."""
+  import matplotlib  # noqa: PLC0415 (only for the figure)
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+
+  fields = lambda network: dict(item.split("=") for item in network.split(","))
+  lines = {}
+  for (network, label), values in accuracies.items():
+    f = fields(network)
+    if label == "bp" or (network, "bp") not in accuracies:
+      continue
+    bp = statistics.mean(accuracies[network, "bp"])
+    depth = int(f["hidden_layers"])
+    lines.setdefault((label, depth), []).append(
+        (int(f["width"]) / (depth + 1), bp - statistics.mean(values),
+         bp - max(values), bp - min(values)))
+  fig, ax = plt.subplots(figsize=(5.5, 3.8))
+  for (label, depth), points in sorted(lines.items()):
+    x, y, low, high = map(list, zip(*sorted(points)))
+    ax.errorbar(x, y, yerr=[[a - b for a, b in zip(y, low)], [b - a for a, b in zip(y, high)]],
+                marker="o", capsize=3, label=f"{label}, H = {depth}")
+  ax.axhline(0, color="grey", lw=0.8)
+  ax.set_xscale("log", base=2)
+  ax.set_xlabel("N / L (width over weight layers)")
+  ax.set_ylabel("BP − method, test accuracy (points)")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
 
 
 if __name__ == "__main__":
