@@ -82,6 +82,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.num_epochs = 1
   config.train.num_steps = 0  # > 0: train this many steps instead of num_epochs
   config.train.optimizer = "adam"  # an optax optimizer taking learning_rate
+  # > 0: the optimizer's ε (Adam: 1e-8 by default). ePC's hidden gradients are
+  # s × BP's (~2e-8 per entry at 512 × 16, s = 0.01): Adam's ε then damps them.
+  config.train.optimizer_eps = 0.0
   config.train.learning_rate = 0.1  # η (weights)
   config.train.lr_schedule = "constant"  # constant | cosine (η decays to 0 over the run)
   config.train.inference_steps = 0  # T; 0 -> T = steps_per_layer × H

@@ -9,6 +9,7 @@ at the end and on SIGTERM or Ctrl-C.
 
 import contextlib
 import fcntl
+import inspect
 import json
 import os
 import pathlib
@@ -51,7 +52,7 @@ _POSITIVE = ("train.batch_size", "train.num_epochs", "train.output_precision",
              "keep_checkpoints", "checkpoint_every_steps")
 _NON_NEGATIVE = ("train.num_steps", "train.inference_steps", "train.inference_lr",
                  "train.inference_momentum", "train.inference_tolerance",
-                 "train.inference_step_guard", "eval_every_steps",
+                 "train.inference_step_guard", "train.optimizer_eps", "eval_every_steps",
                  "data.prefetch")
 
 
@@ -75,6 +76,10 @@ def validate_config(config, num_devices: int, num_processes: int) -> None:
   if not callable(getattr(optax, config.train.optimizer, None)):
     raise TrainingError(f"config.train.optimizer = {config.train.optimizer!r} is not an optax "
                         "optimizer (e.g. adam, sgd, adamw).")
+  if config.train.optimizer_eps and "eps" not in inspect.signature(
+      getattr(optax, config.train.optimizer)).parameters:
+    raise TrainingError(f"config.train.optimizer_eps: optax.{config.train.optimizer} takes no "
+                        "eps; set it to 0 or choose an optimizer that does (e.g. adam).")
   for field in ("train.inference_momentum", "train.inference_tolerance"):
     if not _get(config, field) < 1:
       raise TrainingError(f"config.{field} must be below 1, got {_get(config, field)!r}.")
@@ -422,7 +427,8 @@ def _train(config, workdir: pathlib.Path, mesh, model: pc.Network, splits) -> di
     learning_rate = config.train.learning_rate
     if config.train.lr_schedule == "cosine":  # from η down to 0 at the last step
       learning_rate = optax.cosine_decay_schedule(learning_rate, num_steps)
-    optimizer = nnx.Optimizer(model, getattr(optax, config.train.optimizer)(learning_rate),
+    eps = {"eps": config.train.optimizer_eps} if config.train.optimizer_eps else {}
+    optimizer = nnx.Optimizer(model, getattr(optax, config.train.optimizer)(learning_rate, **eps),
                               wrt=nnx.Param)
     inference = inference_of(config, model)
     train_step = steps.make_train_step(model, optimizer, mesh, algorithm=config.train.algorithm,

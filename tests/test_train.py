@@ -108,6 +108,8 @@ def test_configs_hold_the_paper_settings(path, arg, expected):
     ("data.name", "imagenet", "config.data.name = 'imagenet' is not one of"),
     ("train.algorithm", "ep", "config.train.algorithm = 'ep' is not one of"),
     ("train.optimizer", "adamm", "not an optax optimizer"),
+    ("train.optimizer,train.optimizer_eps", ("sgd", 1e-12), "optax.sgd takes no eps"),
+    ("train.optimizer_eps", -1e-8, "config.train.optimizer_eps must be non-negative"),
     ("train.batch_size", 60, "divisible by the number of devices \\(8\\)"),
     ("model.precision", "fp16", "precision must be one of"),
     ("engine.kernel", "triton", "config.engine.kernel = 'triton' is not one of"),
