@@ -211,6 +211,17 @@ def engine_of(config) -> pc.Engine:
   return pc.Engine(layout=config.engine.layout, kernel=config.engine.kernel)
 
 
+def weight_optimizer(config, num_steps: int) -> optax.GradientTransformation:
+  """The weights' optax optimizer ``config.train`` describes: ``optimizer`` at
+  ``learning_rate`` (decayed to 0 over ``num_steps`` under the cosine
+  schedule), with ``optimizer_eps`` as its ε where that is set."""
+  learning_rate = config.train.learning_rate
+  if config.train.lr_schedule == "cosine":  # from η down to 0 at the last step
+    learning_rate = optax.cosine_decay_schedule(learning_rate, num_steps)
+  eps = {"eps": config.train.optimizer_eps} if config.train.optimizer_eps else {}
+  return getattr(optax, config.train.optimizer)(learning_rate, **eps)
+
+
 def inference_of(config, model: pc.Network) -> pc.Inference:
   """The inference ``config.train`` describes, for ``model``'s depth."""
   train = config.train
@@ -424,12 +435,7 @@ def _train(config, workdir: pathlib.Path, mesh, model: pc.Network, splits) -> di
         process_count=jax.process_count(), prefetch=config.data.prefetch))
 
     # Optimizer and compiled steps.
-    learning_rate = config.train.learning_rate
-    if config.train.lr_schedule == "cosine":  # from η down to 0 at the last step
-      learning_rate = optax.cosine_decay_schedule(learning_rate, num_steps)
-    eps = {"eps": config.train.optimizer_eps} if config.train.optimizer_eps else {}
-    optimizer = nnx.Optimizer(model, getattr(optax, config.train.optimizer)(learning_rate, **eps),
-                              wrt=nnx.Param)
+    optimizer = nnx.Optimizer(model, weight_optimizer(config, num_steps), wrt=nnx.Param)
     inference = inference_of(config, model)
     train_step = steps.make_train_step(model, optimizer, mesh, algorithm=config.train.algorithm,
                                        inference=inference, loss=config.train.loss)

@@ -137,6 +137,19 @@ def test_config_errors_are_clear(field, value, message):
     train.validate_config(config, num_devices=8, num_processes=1)
 
 
+@pytest.mark.parametrize("eps", [0.0, 1e-12])
+def test_weight_optimizer_takes_the_configured_eps(eps):
+  """Adam's first step is −η g / (|g| + ε) (bias-corrected, by hand): at a
+  gradient of 1e-8, the default ε = 1e-8 halves it, ε = 1e-12 does not."""
+  config = load_config("configs/default.py", "lr_schedule=cosine")
+  config.train.optimizer_eps = eps
+  tx = train.weight_optimizer(config, num_steps=10)
+  g = np.full((3,), 1e-8, np.float32)
+  updates, _ = tx.update(g, tx.init(np.zeros(3, np.float32)))
+  expected = -config.train.learning_rate * g / (np.abs(g) + (eps or 1e-8))
+  np.testing.assert_allclose(np.asarray(updates), expected, rtol=1e-5)
+
+
 @pytest.mark.parametrize("arg,expected", [
     ("kind=conv", {"model.residual_layers": 6, "model.width": 16}),  # its own fields, defaults
     ("kind=conv,residual_layers=2,smoke", {"model.residual_layers": 2, "model.width": 8}),
