@@ -129,9 +129,10 @@ def step_flops(entry: float, branch: list[float], readout: float, blocks, algori
   forward = entry + above(1)
   if algorithm == "bp":  # forward, then gradients w.r.t. activations and weights
     return forward + 2 * above(1) + entry
-  if algorithm == "epc":  # feed-forward; T × (perturbed forward, backward to the errors); final forward
+  if algorithm == "epc":  # T × (perturbed forward, backward to the errors; the first forward is
+    # the feed-forward start); final forward; weight gradients
     steps = sum(steps for _, steps in blocks)
-    return (2 + steps) * forward + steps * above(1) + entry + above(1)
+    return (1 + steps) * forward + steps * above(1) + entry + above(1)
   inference = sum(steps * 2 * above(first + 1) + (branch[first] if first else 0)
                   for first, steps in blocks)
   final = above(1)  # errors at the final activities
