@@ -16,14 +16,16 @@ The text after ':' is a comma-separated list of variants and overrides:
   epc               error-parameterised PC (Goemaere et al. 2025): inference on the errors,
                     T = 1 step of β = B/100 (a per-sample step of 0.01), the weight learning
                     rate of deep (BP's unless the config measured another) with a cosine
-                    decay (measured: docs/results.md, section 11)
+                    decay, and Adam's ε at 1e-12 (measured: docs/results.md, section 11)
   name=value        a field of config.model, config.engine, config.train or config.data by
                     its name, e.g. hidden_layers=32,width=256
 """
 
 import difflib
+import inspect
 
 import ml_collections
+import optax
 
 from mupc_flax.networks import kinds
 
@@ -41,6 +43,10 @@ DEEP_STEPS_PER_LAYER = 2
 # them move towards PC's equilibrium, further from BP (docs/results.md, section 11).
 EPC_STEPS = 1
 EPC_STEP_PER_SAMPLE = 0.01
+# ePC's hidden gradients are s × BP's (~2e-8 per entry at 512 × 16), as small as
+# Adam's default ε = 1e-8, which then damps them; at 1e-12 ePC moves every matrix
+# as far as BP and gains 0.15–0.35 points (docs/results.md, section 11.2).
+EPC_OPTIMIZER_EPS = 1e-12
 # Power iterations of the step guard in the deep variant: β is capped so that the
 # inference optimiser stays inside its stability bound (pc.Inference). Not in
 # epc: its one small step is far inside the bound (β/B·λ_max ≤ 0.08 measured at
@@ -175,6 +181,10 @@ def apply_arg(config: ml_collections.ConfigDict, arg: str | None,
       config.train.inference_lr = EPC_STEP_PER_SAMPLE * config.train.batch_size
       config.train.learning_rate = deep_learning_rate or bp_learning_rate
       config.train.lr_schedule = "cosine"
+      # Only an optimizer with an ε gets one (optimizer=sgd,epc stays valid).
+      optimizer = getattr(optax, config.train.optimizer, None)
+      if callable(optimizer) and "eps" in inspect.signature(optimizer).parameters:
+        config.train.optimizer_eps = EPC_OPTIMIZER_EPS
     elif item == "deep":
       config.train.inference_optimizer = "momentum"
       config.train.inference_momentum = DEEP_MOMENTUM

@@ -84,6 +84,12 @@ def load_config(path, arg=None):
     ("configs/mnist_conv.py", "deep", {"train.learning_rate": 0.03, "train.lr_schedule": "cosine"}),
     ("configs/mnist_conv.py", "deep,learning_rate=0.01", {"train.learning_rate": 0.01}),
     ("configs/mnist_128.py", "deep", {"train.learning_rate": 5e-3, "model.hidden_layers": 128}),
+    ("configs/mnist_depth.py", "epc", {"train.inference_method": "errors", "train.inference_steps": 1,
+                                       "train.inference_lr": 0.64, "train.optimizer_eps": 1e-12,
+                                       "train.lr_schedule": "cosine"}),
+    # ε only where the optimizer has one; an override wins over the variant's.
+    ("configs/mnist_depth.py", "optimizer=sgd,epc", {"train.optimizer_eps": 0.0}),
+    ("configs/mnist_depth.py", "epc,optimizer_eps=0", {"train.optimizer_eps": 0.0}),
     ("configs/mnist_transformer.py", None, {"model.kind": "transformer", "model.width": 64,
                                             "model.blocks": 4, "model.patch_size": 7,
                                             "model.heads": 4, "train.learning_rate": 0.03}),
