@@ -93,6 +93,11 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.optimizer_eps = 0.0
   config.train.learning_rate = 0.1  # η (weights)
   config.train.lr_schedule = "constant"  # constant | cosine (η decays to 0 over the run)
+  config.train.warmup_steps = 0  # η rises linearly from 0 over these first steps
+  config.train.weight_decay = 0.0  # λ, the optimizer's decoupled weight decay (e.g. adamw)
+  # per_role: η and Adam's ε scaled per weight role with width and depth (μPC:
+  # CompleteP's rules at α = 1, Depth-μP's at α = 1/2; parameterization.py).
+  config.train.optimizer_scaling = "none"  # none | per_role
   config.train.inference_steps = 0  # T; 0 -> T = steps_per_layer × H
   config.train.steps_per_layer = 1  # T = steps_per_layer × H when inference_steps is 0
   config.train.inference_lr = 0.5  # β (activities), on the batch-mean energy

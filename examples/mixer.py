@@ -19,8 +19,7 @@ class Mixer(nnx.Module):
     self.stage_layers = (1 + blocks,)  # one stage: the embedding and the blocks
     p, tokens = mf.PARAMETERIZATIONS[parameterization], (h // patch) * (w // patch)
     dense = lambda fan_in, out, role, stack=None: mf.Dense(
-        fan_in, out, multiplier=p.multiplier(role, fan_in, blocks + 2), init=p.init, rngs=rngs,
-        stack=stack)
+        fan_in, out, **p.layer_options(role, fan_in, out, blocks + 2), rngs=rngs, stack=stack)
     self.embed = dense(patch * patch * c, width, "entry")
     self.token_mix = dense(tokens, tokens, "inner", blocks)
     self.channel_mix = dense(width, width, "residual", blocks)

@@ -16,8 +16,10 @@ residual branch has matrices *inside* it too (attention's query, key and
 value maps, the MLP's first matrix): an ``inner`` premultiplier scales those,
 and ``attention_scale`` the attention logits q·k.
 
-Each row gives the premultiplier of each role as a function of (fan-in, L)
-and the distribution every weight is drawn from. Under μPC the residual
+Each row gives the premultiplier of each role as a function of (fan-in, L),
+the distribution every weight is drawn from, and the factors by which the
+weight optimiser's learning rate and Adam's ε are scaled per role (used
+when ``config.train.optimizer_scaling`` asks for them). Under μPC the residual
 branch scales as 1/√fan_in · L^(−α) with the depth exponent α: the paper's
 Depth-μP is α = 1/2 (1/√(fan_in·L)); CompleteP (Dey et al., NeurIPS 2025) is
 α = 1. Adding a parameterisation (for example an output scaling γ on
@@ -41,8 +43,12 @@ Multiplier = Callable[[int, int], float]
 # (fan_in, L, α) -> premultiplier of a residual branch.
 ResidualMultiplier = Callable[[int, int, float], float]
 
+# (role, fan_in, fan_out, L, α) -> (learning-rate factor, Adam ε factor).
+OptimizerScale = Callable[[str, int, int, int, float], tuple[float, float]]
+
 # α of the paper (Depth-μP).
 DEPTH_EXPONENT = 0.5
+ROLES = ("entry", "residual", "readout", "inner")
 
 
 def uniform_fan_in(key: jax.Array, shape: tuple[int, ...], fan_in: int) -> jax.Array:
@@ -68,6 +74,7 @@ class Parameterization:
   inner_multiplier: Callable[[int], float]  # fan_in -> premultiplier, inside a branch
   attention_scale: Callable[[int], float]  # head dimension -> logit scale
   init: Initializer
+  optimizer_scale: OptimizerScale
 
   def multiplier(self, role: str, fan_in: int, num_layers: int,
                  depth_exponent: float = 0.5) -> float:
@@ -75,15 +82,59 @@ class Parameterization:
     (the last matrix of a residual branch, scaled with depth), "readout" or
     "inner" (a matrix inside a branch); ``num_layers`` is L, every PC layer
     the readout included."""
+    _check_role(role)
     if role == "entry":
       return self.entry_multiplier(fan_in, num_layers)
     if role == "residual":
       return self.residual_multiplier(fan_in, num_layers, depth_exponent)
     if role == "readout":
       return self.readout_multiplier(fan_in, num_layers)
-    if role == "inner":
-      return self.inner_multiplier(fan_in)
+    return self.inner_multiplier(fan_in)
+
+  def layer_options(self, role: str, fan_in: int, fan_out: int, num_layers: int,
+                    depth_exponent: float = 0.5) -> dict:
+    """What a layer of ``role`` is built with: its premultiplier, its
+    weights' optimizer scale (learning-rate and ε factors) and initialiser,
+    as keyword arguments of ``layers.Dense`` (and the convolutional ``Conv``)."""
+    return dict(multiplier=self.multiplier(role, fan_in, num_layers, depth_exponent),
+                optimizer_scale=self.optimizer_scale(role, fan_in, fan_out, num_layers,
+                                                     depth_exponent),
+                init=self.init)
+
+
+def _check_role(role: str) -> None:
+  if role not in ROLES:
     raise ValueError(f"Unknown weight role {role!r}; choose entry, residual, readout or inner.")
+
+
+def _unscaled(role: str, fan_in: int, fan_out: int, num_layers: int,
+              depth_exponent: float) -> tuple[float, float]:
+  _check_role(role)
+  return 1.0, 1.0
+
+
+def mupc_optimizer_scale(role: str, fan_in: int, fan_out: int, num_layers: int,
+                         depth_exponent: float) -> tuple[float, float]:
+  """Adam's (learning-rate, ε) factors per role under μPC, in this form.
+
+  CompleteP (Dey et al. 2025, α = 1) and Depth-μP (α = 1/2) write their
+  rules for weights drawn with variance 1/fan_in and a residual factor
+  L^(−α): hidden matrices at lr η/N · L^(α−1) and ε ε/(N · L^α), the
+  embedding and the readout at lr η and ε ε/N (the limits paper's
+  transformer recipe, α = 1). Here weights are N(0, 1) behind a
+  premultiplier a = 1/√N of the width (the depth factor is the same in
+  both), and Adam's step on W is a times the effective weight's: the
+  learning rate of a hidden matrix is divided by a and its ε multiplied
+  by it. N is the fan-in of a residual, inner or readout matrix and the
+  fan-out (the width it embeds into) of an entry matrix.
+  """
+  _check_role(role)
+  if role == "entry":
+    return 1.0, 1.0 / fan_out
+  if role == "readout":
+    return 1.0, 1.0 / fan_in
+  return (fan_in ** -0.5 * num_layers ** (depth_exponent - 1),
+          fan_in ** -1.5 * num_layers ** -depth_exponent)
 
 
 PARAMETERIZATIONS: dict[str, Parameterization] = {
@@ -96,6 +147,7 @@ PARAMETERIZATIONS: dict[str, Parameterization] = {
         inner_multiplier=lambda fan_in: 1.0,
         attention_scale=lambda head_dim: 1.0 / math.sqrt(head_dim),
         init=uniform_fan_in,
+        optimizer_scale=_unscaled,
     ),
     # μPC: Depth-μP premultipliers on an N(0, 1) init (dense: 1/√D, 1/√(N·L), 1/N).
     # Inside a branch, μP: 1/√fan_in, and 1/d_head on attention logits (Yang et
@@ -107,6 +159,7 @@ PARAMETERIZATIONS: dict[str, Parameterization] = {
         inner_multiplier=lambda fan_in: 1.0 / math.sqrt(fan_in),
         attention_scale=lambda head_dim: 1.0 / head_dim,
         init=standard_normal,
+        optimizer_scale=mupc_optimizer_scale,
     ),
 }
 

@@ -45,6 +45,7 @@ _CHOICES = {
     "train.inference_method": get_args(pc.inference.Method),
     "train.inference_optimizer": get_args(pc.Optimizer),
     "train.lr_schedule": ("constant", "cosine"),
+    "train.optimizer_scaling": ("none", "per_role"),
 }
 _POSITIVE = ("train.batch_size", "train.num_epochs", "train.output_precision",
              "train.learning_rate", "train.phases", "train.steps_per_layer", "log_every_steps",
@@ -52,7 +53,8 @@ _POSITIVE = ("train.batch_size", "train.num_epochs", "train.output_precision",
              "keep_checkpoints", "checkpoint_every_steps")
 _NON_NEGATIVE = ("train.num_steps", "train.inference_steps", "train.inference_lr",
                  "train.inference_momentum", "train.inference_tolerance",
-                 "train.inference_step_guard", "train.optimizer_eps", "eval_every_steps",
+                 "train.inference_step_guard", "train.optimizer_eps", "train.weight_decay",
+                 "train.warmup_steps", "eval_every_steps",
                  "data.prefetch")
 
 
@@ -80,6 +82,9 @@ def validate_config(config, num_devices: int, num_processes: int) -> None:
       getattr(optax, config.train.optimizer)).parameters:
     raise TrainingError(f"config.train.optimizer_eps: optax.{config.train.optimizer} takes no "
                         "eps; set it to 0 or choose an optimizer that does (e.g. adam).")
+  if config.train.weight_decay and _optimizer_argument(config.train.optimizer, "weight_decay") is None:
+    raise TrainingError(f"config.train.weight_decay: optax.{config.train.optimizer} takes no "
+                        "weight_decay; set it to 0 or choose an optimizer that does (e.g. adamw).")
   for field in ("train.inference_momentum", "train.inference_tolerance"):
     if not _get(config, field) < 1:
       raise TrainingError(f"config.{field} must be below 1, got {_get(config, field)!r}.")
@@ -211,15 +216,68 @@ def engine_of(config) -> pc.Engine:
   return pc.Engine(layout=config.engine.layout, kernel=config.engine.kernel)
 
 
-def weight_optimizer(config, num_steps: int) -> optax.GradientTransformation:
-  """The weights' optax optimizer ``config.train`` describes: ``optimizer`` at
-  ``learning_rate`` (decayed to 0 over ``num_steps`` under the cosine
-  schedule), with ``optimizer_eps`` as its ε where that is set."""
-  learning_rate = config.train.learning_rate
-  if config.train.lr_schedule == "cosine":  # from η down to 0 at the last step
-    learning_rate = optax.cosine_decay_schedule(learning_rate, num_steps)
-  eps = {"eps": config.train.optimizer_eps} if config.train.optimizer_eps else {}
-  return getattr(optax, config.train.optimizer)(learning_rate, **eps)
+def _optimizer_argument(name: str, argument: str):
+  """The default of optax.``name``'s ``argument``, or None if it takes none."""
+  parameter = inspect.signature(getattr(optax, name)).parameters.get(argument)
+  return None if parameter is None else parameter.default
+
+
+def weight_optimizer(config, num_steps: int, params=None) -> optax.GradientTransformation:
+  """The weights' optax optimizer ``config.train`` describes.
+
+  ``optimizer`` at ``learning_rate`` η: raised linearly from 0 over
+  ``warmup_steps``, then constant or decayed to 0 at ``num_steps`` (cosine);
+  ``optimizer_eps`` as its ε where that is set, ``weight_decay`` λ as its
+  (decoupled) weight decay. Under ``optimizer_scaling = "per_role"`` each
+  weight of ``params`` (``nnx.state(model, nnx.Param)``) gets η times its
+  ``lr_scale`` and ε times its ``eps_scale`` (the metadata
+  ``Parameterization.layer_options`` gives it), and λ / ``lr_scale``, so
+  that every weight decays by the same fraction η·λ per step.
+  """
+  train = config.train
+  eta = train.learning_rate
+  if train.warmup_steps >= num_steps:
+    raise TrainingError(f"config.train.warmup_steps = {train.warmup_steps} must be below the run's "
+                        f"{num_steps} steps.")
+  if train.lr_schedule == "cosine":  # from η down to 0 at the last step
+    schedule = optax.warmup_cosine_decay_schedule(0.0, eta, train.warmup_steps, num_steps)
+  elif train.warmup_steps:
+    schedule = optax.join_schedules([optax.linear_schedule(0.0, eta, train.warmup_steps),
+                                     optax.constant_schedule(eta)], [train.warmup_steps])
+  else:
+    schedule = eta
+  default_eps = _optimizer_argument(train.optimizer, "eps")
+
+  def optimizer(lr_scale: float = 1.0, eps_scale: float = 1.0) -> optax.GradientTransformation:
+    kwargs = {}
+    if default_eps is not None and (train.optimizer_eps or eps_scale != 1.0):
+      kwargs["eps"] = (train.optimizer_eps or default_eps) * eps_scale
+    if train.weight_decay:
+      kwargs["weight_decay"] = train.weight_decay / lr_scale
+    lr = schedule if lr_scale == 1.0 else (
+        (lambda step: lr_scale * schedule(step)) if callable(schedule) else lr_scale * schedule)
+    return getattr(optax, train.optimizer)(lr, **kwargs)
+
+  if train.optimizer_scaling == "none":
+    return optimizer()
+  if params is None:
+    raise ValueError("weight_optimizer needs the weights (params) for optimizer_scaling = "
+                     "'per_role'.")
+
+  def scale_of(variable) -> tuple[float, float]:
+    metadata = variable.get_metadata()
+    if "lr_scale" not in metadata:
+      raise TrainingError("config.train.optimizer_scaling = 'per_role' needs every weight's "
+                          "optimizer scale: build the network's layers with "
+                          "Parameterization.layer_options (or nnx.Param metadata lr_scale, "
+                          "eps_scale), or set optimizer_scaling = 'none'.")
+    return metadata["lr_scale"], metadata["eps_scale"]
+
+  is_variable = lambda x: isinstance(x, nnx.Variable)
+  scales = {scale_of(v) for v in jax.tree.leaves(params, is_leaf=is_variable)}
+  label = {scale: f"lr×{scale[0]:.6g},eps×{scale[1]:.6g}" for scale in sorted(scales)}
+  labels = jax.tree.map(lambda v: label[scale_of(v)], params, is_leaf=is_variable)
+  return optax.multi_transform({label[scale]: optimizer(*scale) for scale in label}, labels)
 
 
 def inference_of(config, model: pc.Network) -> pc.Inference:
@@ -435,7 +493,8 @@ def _train(config, workdir: pathlib.Path, mesh, model: pc.Network, splits) -> di
         process_count=jax.process_count(), prefetch=config.data.prefetch))
 
     # Optimizer and compiled steps.
-    optimizer = nnx.Optimizer(model, weight_optimizer(config, num_steps), wrt=nnx.Param)
+    optimizer = nnx.Optimizer(model, weight_optimizer(config, num_steps, nnx.state(model, nnx.Param)),
+                              wrt=nnx.Param)
     inference = inference_of(config, model)
     train_step = steps.make_train_step(model, optimizer, mesh, algorithm=config.train.algorithm,
                                        inference=inference, loss=config.train.loss)

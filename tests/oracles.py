@@ -155,7 +155,8 @@ def jax_conv_energy(kernels, readout_kernel, layers, readout_multiplier, z, imag
 def unstack_transformer(model):
   """The transformer's weights as plain float64 arrays: a dict with the
   embedding (kernel, a), per block (qkv, a_i, out, a_o) and (up, a_i, down,
-  a_o), the head (kernel, a), the logit scale, heads, patch size, image shape."""
+  a_o), the head (kernel, a), the logit scale, heads, patch size, image
+  shape, activation, PC layer (sublayer | block) and whether layer norms are on."""
   f = lambda v: np.asarray(v[...], np.float64)
   blocks = []
   for r in range(model.blocks):
@@ -166,7 +167,8 @@ def unstack_transformer(model):
   return {"embed": (f(model.embed.kernel), float(f(model.embed.multiplier))), "blocks": blocks,
           "head": (f(model.head.kernel), float(f(model.head.multiplier))),
           "scale": float(f(model.logit_scale)), "heads": model.heads, "patch": model.patch_size,
-          "image": model.image_shape, "activation": model.activation}
+          "image": model.image_shape, "activation": model.activation,
+          "pc_layer": model.pc_layer, "layer_norm": model.layer_norm}
 
 
 def _normalise(v):
@@ -174,9 +176,9 @@ def _normalise(v):
   return (v - mu) / jnp.sqrt(((v - mu) ** 2).mean(-1, keepdims=True) + 1e-6)
 
 
-def _attention(z, qkv, a_in, out, a_out, scale, heads):
+def _attention(z, qkv, a_in, out, a_out, scale, heads, norm):
   """Multi-head attention, one head at a time."""
-  n = _normalise(z)
+  n = norm(z)
   width = z.shape[-1]
   size = width // heads
   q, k, v = (a_in * (n @ qkv[:, i * width:(i + 1) * width]) for i in range(3))
@@ -202,14 +204,23 @@ def transformer_inputs(net, x):
                                                                            len(rows)))], -1)
 
 
+def _norm(net):
+  return _normalise if net["layer_norm"] else (lambda v: v)
+
+
 def transformer_branches(net):
-  """The 2R residual branches bottom to top, each z -> G(z)."""
+  """The residual branches bottom to top, each z -> G(z): 2R (attention and
+  MLP alternating), or R (a block: attention, then the MLP on z + its output)."""
   act = {"gelu": jax.nn.gelu, "relu": lambda v: jnp.maximum(v, 0.0), "tanh": jnp.tanh}[net["activation"]]
+  norm = _norm(net)
   out = []
   for attention, (up, a_in, down, a_out) in net["blocks"]:
-    out.append(lambda z, w=attention: _attention(z, *w, net["scale"], net["heads"]))
-    out.append(lambda z, up=up, a_in=a_in, down=down, a_out=a_out:
-               a_out * (act(a_in * (_normalise(z) @ up)) @ down))
+    attend = lambda z, w=attention: _attention(z, *w, net["scale"], net["heads"], norm)
+    mlp = lambda z, up=up, a_in=a_in, down=down, a_out=a_out: a_out * (act(a_in * (norm(z) @ up)) @ down)
+    if net["pc_layer"] == "sublayer":
+      out += [attend, mlp]
+    else:
+      out.append(lambda z, attend=attend, mlp=mlp: attend(z) + mlp(z + attend(z)))
   return out
 
 
@@ -220,5 +231,5 @@ def jax_transformer_energy(net, z, x, y):
   for layer, branch in enumerate(transformer_branches(net), start=1):
     total += 0.5 * jnp.sum((z[layer] - z[layer - 1] - branch(z[layer - 1])) ** 2)
   head, a_head = net["head"]
-  out = a_head * (_normalise(z[-1]).mean(1) @ head)
+  out = a_head * (_norm(net)(z[-1]).mean(1) @ head)
   return (total + 0.5 * jnp.sum((y - out) ** 2)) / x.shape[0]

@@ -12,11 +12,13 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 from tensorboardX.proto import event_pb2
 
-from mupc_flax import metrics, train
+from mupc_flax import data, metrics, train
 from mupc_flax.networks import kinds
 from programs import (REPO, RESUMABLE, checkpoint_steps, command, environment, load_checkpoint,
                       run)
@@ -116,6 +118,9 @@ def test_configs_hold_the_paper_settings(path, arg, expected):
     ("train.optimizer", "adamm", "not an optax optimizer"),
     ("train.optimizer,train.optimizer_eps", ("sgd", 1e-12), "optax.sgd takes no eps"),
     ("train.optimizer_eps", -1e-8, "config.train.optimizer_eps must be non-negative"),
+    ("train.weight_decay", 0.1, "optax.adam takes no weight_decay"),
+    ("train.optimizer_scaling", "mup", "config.train.optimizer_scaling = 'mup' is not one of"),
+    ("train.warmup_steps", -1, "config.train.warmup_steps must be non-negative"),
     ("train.batch_size", 60, "divisible by the number of devices \\(8\\)"),
     ("model.precision", "fp16", "precision must be one of"),
     ("engine.kernel", "triton", "config.engine.kernel = 'triton' is not one of"),
@@ -454,3 +459,93 @@ def test_one_epoch_of_real_mnist_learns_down_the_stack_in_order(tmp_path, mnist_
   below_readout = change[:-1]
   assert below_readout[-1] > 1.0, change  # the top hidden matrices learn
   assert np.all(np.diff(below_readout) >= 0), change
+
+
+def _role_rule(role, fan_in, fan_out, num_layers, alpha):
+  """μPC's per-role (learning-rate, ε) factors, written out: entry η, ε/N_out;
+  readout η, ε/N_in; hidden (residual and inner) η/√N · L^(α−1), ε/N^(3/2) · L^(−α)."""
+  return {"entry": (1.0, 1.0 / fan_out), "readout": (1.0, 1.0 / fan_in),
+          "residual": (fan_in ** -0.5 * num_layers ** (alpha - 1), fan_in ** -1.5 * num_layers ** -alpha),
+          "inner": (fan_in ** -0.5 * num_layers ** (alpha - 1), fan_in ** -1.5 * num_layers ** -alpha)}[role]
+
+
+# name -> (config.model, L, {param path: (role, fan_in, fan_out)}), on MNIST (784 inputs, 10 classes).
+PER_ROLE_NETWORKS = {
+    "dense": (dict(kind="dense", width=16, hidden_layers=3), 4,
+              {"input_layer": ("entry", 784, 16), "hidden": ("residual", 16, 16),
+               "readout": ("readout", 16, 10)}),
+    "conv": (dict(kind="conv", width=4, stages=2, residual_layers=1), 5,
+             {"entries/0": ("entry", 9, 4), "entries/1": ("entry", 36, 8),
+              "stacks/0": ("residual", 36, 4), "stacks/1": ("residual", 72, 8),
+              "head": ("readout", 8, 10)}),
+    "transformer_block": (dict(kind="transformer", width=8, blocks=2, heads=2, pc_layer="block",
+                               layer_norm=False), 4,
+                          {"embed": ("entry", 49 + 16, 8), "attention_qkv": ("inner", 8, 24),
+                           "attention_out": ("residual", 8, 8), "mlp_up": ("inner", 8, 32),
+                           "mlp_down": ("residual", 32, 8), "head": ("readout", 8, 10)}),
+}
+
+
+@pytest.mark.parametrize("network", sorted(PER_ROLE_NETWORKS))
+@pytest.mark.parametrize("alpha", [0.5, 1.0])
+@pytest.mark.parametrize("optimizer,weight_decay", [("adam", 0.0), ("adamw", 0.1)])
+def test_per_role_optimizer_steps_by_the_rule(network, alpha, optimizer, weight_decay):
+  """The first step of each weight, by hand: −η s_lr · g/(|g| + 1e-8 s_ε) − η λ W
+  (Adam's bias-corrected first step; AdamW's decay λ/s_lr at η s_lr)."""
+  model_fields, num_layers, roles = PER_ROLE_NETWORKS[network]
+  config = load_config("configs/default.py")
+  fields = dict(model_fields)
+  config.model = kinds.model_config(fields.pop("kind"), depth_exponent=alpha, **fields)
+  config.train.update(optimizer=optimizer, weight_decay=weight_decay, learning_rate=0.01,
+                      optimizer_scaling="per_role")
+  train.validate_config(config, num_devices=1, num_processes=1)
+  model = kinds.build(config.model, data.pipeline.SPECS["mnist"], 0)
+  params = nnx.state(model, nnx.Param)
+  tx = train.weight_optimizer(config, num_steps=10, params=params)
+  # The forms nnx.Optimizer hands the optimizer: the Param state, then pure arrays.
+  pure = nnx.as_pure(params)
+  rng = np.random.default_rng(0)
+  grads = jax.tree.map(lambda w: (10.0 ** rng.uniform(-12, -6, w.shape)
+                                  * rng.choice([-1, 1], w.shape)).astype(np.float32), pure)
+  updates, _ = tx.update(grads, tx.init(params), pure)
+  by_path = lambda tree: {"/".join(map(str, p)): np.asarray(v) for p, v in
+                          nnx.traversals.flatten_mapping(nnx.to_pure_dict(tree)).items()}
+  flat, grads, updates = by_path(pure), by_path(grads), by_path(updates)
+  assert {p.rsplit("/", 1)[0] for p in flat} == set(roles)
+  for path, g in grads.items():
+    lr_scale, eps_scale = _role_rule(*roles[path.rsplit("/", 1)[0]], num_layers, alpha)
+    adam = -0.01 * lr_scale * g / (np.abs(g) + 1e-8 * eps_scale)
+    decay = -0.01 * weight_decay * flat[path]
+    # Within 2e-5 of each term's size: optax's float32 bias correction (1 − b2)
+    # is off by 1e-5, and the two terms may cancel.
+    np.testing.assert_array_less(np.abs(updates[path] - adam - decay),
+                                 2e-5 * (np.abs(adam) + np.abs(decay)) + 1e-15, err_msg=path)
+
+
+@pytest.mark.parametrize("lr_schedule", ["constant", "cosine"])
+def test_warmup_then_the_schedule(lr_schedule):
+  """SGD's step t is −η_t g: η t/w over the w warm-up steps, then η, or the
+  cosine from η at w to 0 at the run's end."""
+  config = load_config("configs/default.py")
+  config.train.update(optimizer="sgd", learning_rate=0.5, warmup_steps=4, lr_schedule=lr_schedule)
+  tx = train.weight_optimizer(config, num_steps=10)
+  state, g = tx.init(np.zeros(1, np.float32)), np.ones(1, np.float32)
+  for t in range(10):
+    update, state = tx.update(g, state)
+    want = 0.5 * t / 4 if t < 4 else (
+        0.5 if lr_schedule == "constant" else 0.25 * (1 + np.cos(np.pi * (t - 4) / 6)))
+    np.testing.assert_allclose(float(update[0]), -want, rtol=1e-6, atol=1e-7, err_msg=str(t))
+  config.train.warmup_steps = 10
+  with pytest.raises(train.TrainingError, match="warmup_steps = 10 must be below the run's 10 steps"):
+    train.weight_optimizer(config, num_steps=10)
+
+
+def test_per_role_scaling_needs_each_weights_scale():
+  class Plain(nnx.Module):  # a network of one's own, built without layer_options
+    def __init__(self):
+      self.kernel = nnx.Param(np.ones((2, 2), np.float32))
+
+  config = load_config("configs/default.py", "optimizer_scaling=per_role")
+  with pytest.raises(train.TrainingError, match="build the network's layers with "
+                                                "Parameterization.layer_options"):
+    train.weight_optimizer(config, 10, nnx.state(Plain(), nnx.Param))

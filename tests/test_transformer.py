@@ -51,9 +51,14 @@ def library_weights(grads):
   return out + [g["head"]["kernel"]]
 
 
-@pytest.mark.parametrize("parameterization", ["mupc", "sp"])
-def test_energy_and_activity_gradient_match_reference(parameterization):
-  model = make_model(parameterization=parameterization)
+# (parameterization, PC layer, layer norm): the paper's sublayers, and the limits paper's blocks.
+SHAPES = [("mupc", "sublayer", True), ("sp", "sublayer", True), ("mupc", "block", False),
+          ("mupc", "block", True)]
+
+
+@pytest.mark.parametrize("parameterization,pc_layer,layer_norm", SHAPES)
+def test_energy_and_activity_gradient_match_reference(parameterization, pc_layer, layer_norm):
+  model = make_model(parameterization=parameterization, pc_layer=pc_layer, layer_norm=layer_norm)
   x, y = batch(1)
   z = np.random.default_rng(2).standard_normal((model.hidden_layers, 6, 4, 16)).astype(np.float32)
   energy, weights = reference_energy(model)
@@ -69,11 +74,13 @@ def test_energy_and_activity_gradient_match_reference(parameterization):
   assert float(jnp.max(energies[:-1])) < 1e-10 and float(energies[-1]) > 0
 
 
-@pytest.mark.parametrize("schedule", ["plain", "wavefront"])
-def test_pc_gradients_match_step_by_step_reference(schedule):
+@pytest.mark.parametrize("schedule,pc_layer,layer_norm", [("plain", "sublayer", True),
+                                                          ("wavefront", "sublayer", True),
+                                                          ("wavefront", "block", False)])
+def test_pc_gradients_match_step_by_step_reference(schedule, pc_layer, layer_norm):
   """Feed-forward start, T steps of descent on z, ∂F/∂W: equal to a float64
   jax.grad loop over the reference energy."""
-  model = make_model()
+  model = make_model(pc_layer=pc_layer, layer_norm=layer_norm)
   x, y = batch(3)
   # β/B = 1/2 per sample: the error reaches every layer at a size (≥ 3 % of the
   # top's) that float32 differences of the branches resolve to 1e-4.
@@ -92,10 +99,12 @@ def test_pc_gradients_match_step_by_step_reference(schedule):
   assert np.linalg.norm(ref[0]) > 0.03 * np.linalg.norm(ref[-1])
 
 
-def test_depth_exponent_sets_the_branch_premultipliers():
+@pytest.mark.parametrize("pc_layer,depth", [("sublayer", 2 * 3 + 2), ("block", 3 + 2)])
+def test_depth_exponent_sets_the_branch_premultipliers(pc_layer, depth):
+  """L counts every PC layer: 2R + 2 per sublayer, R + 2 per block."""
   for alpha in (0.5, 1.0):
-    model = make_model(blocks=3, depth_exponent=alpha)
-    depth = 2 * 3 + 2
+    model = make_model(blocks=3, depth_exponent=alpha, pc_layer=pc_layer)
+    assert model.hidden_layers == depth - 1
     np.testing.assert_allclose(model.attention_out.multiplier[...], 16 ** -0.5 * depth ** -alpha,
                                rtol=1e-6)
     np.testing.assert_allclose(model.mlp_down.multiplier[...], 64 ** -0.5 * depth ** -alpha,

@@ -25,7 +25,7 @@ from flax import nnx
 from mupc_flax import parameterization as parameterization_lib
 from mupc_flax.networks import kinds
 from mupc_flax.networks.layers import (ACTIVATIONS, PRECISIONS, Dense, Premultiplier, check_options,
-                                       residual_product)
+                                       residual_product, weight)
 
 
 def conv(h: jax.Array, kernel: jax.Array, precision: str = "float32", stride: int = 1) -> jax.Array:
@@ -47,10 +47,12 @@ class Conv(nnx.Module):
 
   def __init__(self, in_channels: int, out_channels: int, *, kernel_size: int, multiplier: float,
                init: parameterization_lib.Initializer, rngs: nnx.Rngs, stride: int = 1,
-               stack: int | None = None, precision: str = "float32"):
+               stack: int | None = None, precision: str = "float32",
+               optimizer_scale: tuple[float, float] | None = None):
     lead = () if stack is None else (stack,)
     shape = lead + (kernel_size, kernel_size, in_channels, out_channels)
-    self.kernel = nnx.Param(init(rngs.params(), shape, in_channels * kernel_size ** 2))
+    self.kernel = weight(init(rngs.params(), shape, in_channels * kernel_size ** 2),
+                         optimizer_scale)
     self.multiplier = Premultiplier(jnp.full(lead, multiplier, jnp.float32))
     self.stride = stride
     self.precision = precision
@@ -111,15 +113,16 @@ class ConvResidualPCN(nnx.Module):
     entries, stacks = [], []
     for s, (c, r) in enumerate(zip(channels, residual_layers)):
       c_in = image_shape[2] if s == 0 else channels[s - 1]
-      entries.append(Conv(c_in, c, kernel_size=k, stride=stem_stride if s == 0 else 2, init=p.init,
-                          rngs=rngs, multiplier=p.entry_multiplier(c_in * k * k, num_layers),
-                          precision=precision))
-      stacks.append(Conv(c, c, kernel_size=k, stack=r, init=p.init, rngs=rngs, precision=precision,
-                         multiplier=p.residual_multiplier(c * k * k, num_layers, depth_exponent)))
+      entries.append(Conv(c_in, c, kernel_size=k, stride=stem_stride if s == 0 else 2, rngs=rngs,
+                          precision=precision,
+                          **p.layer_options("entry", c_in * k * k, c, num_layers, depth_exponent)))
+      stacks.append(Conv(c, c, kernel_size=k, stack=r, rngs=rngs, precision=precision,
+                         **p.layer_options("residual", c * k * k, c, num_layers, depth_exponent)))
     self.entries = nnx.List(entries)  # the stem, then the downsampling convolutions
     self.stacks = nnx.List(stacks)  # the residual convolutions of each stage
-    self.head = Dense(channels[-1], out_features, init=p.init, rngs=rngs,
-                      multiplier=p.readout_multiplier(channels[-1], num_layers), precision=precision)
+    self.head = Dense(channels[-1], out_features, rngs=rngs, precision=precision,
+                      **p.layer_options("readout", channels[-1], out_features, num_layers,
+                                        depth_exponent))
 
   @property
   def hidden_layers(self) -> int:

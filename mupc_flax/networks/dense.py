@@ -63,12 +63,13 @@ class ResidualPCN(nnx.Module):
     self.depth_exponent = depth_exponent
     self.precision = precision
     self.linear_branches = True
-    self.input_layer = Dense(d, n, multiplier=p.entry_multiplier(d, num_matrices), init=p.init,
-                             rngs=rngs, precision=precision)
-    self.hidden = Dense(n, n, multiplier=p.residual_multiplier(n, num_matrices, depth_exponent),
-                        init=p.init, rngs=rngs, stack=hidden_layers - 1, precision=precision)
-    self.readout = Dense(n, out_features, multiplier=p.readout_multiplier(n, num_matrices),
-                         init=p.init, rngs=rngs, precision=precision)
+    options = lambda role, fan_in, fan_out: p.layer_options(role, fan_in, fan_out, num_matrices,
+                                                            depth_exponent)
+    self.input_layer = Dense(d, n, rngs=rngs, precision=precision, **options("entry", d, n))
+    self.hidden = Dense(n, n, rngs=rngs, stack=hidden_layers - 1, precision=precision,
+                        **options("residual", n, n))
+    self.readout = Dense(n, out_features, rngs=rngs, precision=precision,
+                         **options("readout", n, out_features))
 
   @property
   def hidden_layers(self) -> int:

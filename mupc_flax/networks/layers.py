@@ -70,12 +70,25 @@ class Premultiplier(nnx.Variable):
   """
 
 
+def weight(value: jax.Array, optimizer_scale: tuple[float, float] | None = None) -> nnx.Param:
+  """A weight ``nnx.Param``; ``optimizer_scale`` (learning-rate factor, Adam ε
+  factor), from ``Parameterization.optimizer_scale``, rides along as its
+  ``lr_scale`` and ``eps_scale`` metadata for the per-role weight optimizer
+  (``train.weight_optimizer``)."""
+  if optimizer_scale is None:
+    return nnx.Param(value)
+  lr_scale, eps_scale = optimizer_scale
+  return nnx.Param(value, lr_scale=float(lr_scale), eps_scale=float(eps_scale))
+
+
 class Dense(nnx.Module):
   """``multiplier · x @ kernel``, no bias, at the XLA precision of ``precision``.
 
   Plain: kernel [in, out], multiplier [], x [..., in] -> [..., out].
   With ``stack=S``: S independent maps, kernel [S, in, out], multiplier [S],
-  x [S, B, in] -> [S, B, out] (one batched product).
+  x [S, B, in] -> [S, B, out] (one batched product). ``optimizer_scale``:
+  see ``weight``; ``Parameterization.layer_options`` gives it with the
+  multiplier and the initialiser.
   """
 
   def __init__(
@@ -88,9 +101,11 @@ class Dense(nnx.Module):
       rngs: nnx.Rngs,
       stack: int | None = None,
       precision: str = "float32",
+      optimizer_scale: tuple[float, float] | None = None,
   ):
     lead = () if stack is None else (stack,)
-    self.kernel = nnx.Param(init(rngs.params(), lead + (in_features, out_features), in_features))
+    self.kernel = weight(init(rngs.params(), lead + (in_features, out_features), in_features),
+                         optimizer_scale)
     self.multiplier = Premultiplier(jnp.full(lead, multiplier, jnp.float32))
     self.precision = precision
 

@@ -28,8 +28,10 @@ Two optional members refine it:
 
 The premultipliers and initialisation follow from each weight's role
 (entry, residual, readout, inner) in the one table of ``parameterization``:
-build weights with ``Parameterization.multiplier(role, …)`` and
-``Parameterization.init``.
+build layers with ``Parameterization.layer_options(role, …)`` (the
+premultiplier, the initialiser, and the per-role optimizer scale the weight
+``nnx.Param`` carries as metadata), or ``Parameterization.multiplier`` and
+``init`` alone.
 """
 
 from typing import Any, Protocol, runtime_checkable

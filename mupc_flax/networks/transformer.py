@@ -2,26 +2,32 @@
 
 Inputs x [B, H·W·C] (flattened, as the pipelines give them) are images of
 ``image_shape`` (H, W, C), cut into T = (H/p)·(W/p) patches of p·p·C values.
-The network is one stage of 1 + 2R hidden layers, every activity [B, T, d]:
+The network is one stage of hidden layers, every activity [B, T, d]:
 
     entry (patch embedding):  μ_1 = a_e · [patches, onehot(position)] W_e      (no skip)
-    attention layer:          μ = z + a_o · Attn(LN(z)) W_o
-    MLP layer:                μ = z + a_o · φ(a_i · LN(z) W_1) W_2
+    attention branch:         A(z) = a_o · Attn(LN(z)) W_o
+    MLP branch:               M(z) = a_o · φ(a_i · LN(z) W_1) W_2
     readout:                  μ_L = a_L · mean_t(LN(z_top)) W_L
 
-with R attention and R MLP layers alternating, LN a layer norm without
-parameters, and Attn multi-head softmax attention of q = a_i LN(z) W_q,
-k = a_i LN(z) W_k, v = a_i LN(z) W_v with logits s·q·k. The learned position
-embeddings are the rows of W_e that the one-hot position selects. Each
-attention and each MLP sublayer is one PC layer with its own activity: a
-residual branch that is not W·φ(z), so the engine uses its vector–Jacobian
-product (it declares no ``linear_branches``; φ, the activity function the
-engine sees, is the identity, and the MLP's φ lives inside its branch).
+with LN a layer norm without parameters and Attn multi-head softmax
+attention of q = a_i LN(z) W_q, k = a_i LN(z) W_k, v = a_i LN(z) W_v with
+logits s·q·k. The learned position embeddings are the rows of W_e that the
+one-hot position selects. R blocks of an attention and an MLP branch follow
+the entry, as PC layers in one of two ways (``pc_layer``):
+
+    "sublayer":  2R layers, μ = z + A(z) and μ = z + M(z) alternating
+    "block":     R layers (the limits paper's), μ = z + A(z) + M(z + A(z))
+
+A residual branch that is not W·φ(z): the engine uses its vector–Jacobian
+product (no ``linear_branches``; φ, the activity function the engine sees,
+is the identity, and the MLP's φ lives inside its branch). Without
+``layer_norm`` every LN above is the identity: the premultipliers sit
+inside the branches (after LN where it is on), so no LN absorbs them.
 
 Premultipliers come from the parameterisation table, L counting every PC
-layer (2R + 2): under μPC a_e = 1/√fan_in, a_i = 1/√d, a_o = 1/√fan_in ·
-L^(−α), a_L = 1/d and s = 1/d_head, on N(0, 1) weights; under standard PC
-all are 1, s = 1/√d_head, and weights are U(±1/√fan_in).
+layer (2R + 2 or R + 2): under μPC a_e = 1/√fan_in, a_i = 1/√d,
+a_o = 1/√fan_in · L^(−α), a_L = 1/d and s = 1/d_head, on N(0, 1) weights;
+under standard PC all are 1, s = 1/√d_head, and weights are U(±1/√fan_in).
 """
 
 from typing import NamedTuple, Sequence
@@ -55,6 +61,16 @@ class MLPLayer(NamedTuple):
   outer: jax.Array
 
 
+class BlockLayer(NamedTuple):
+  """One block PC layer's weights: its attention's and its MLP's."""
+
+  attention: AttentionLayer
+  mlp: MLPLayer
+
+
+PC_LAYERS = ("sublayer", "block")
+
+
 def layer_norm(z: jax.Array, epsilon: float = 1e-6) -> jax.Array:
   """Normalises the last axis to zero mean and unit variance (no parameters)."""
   mean = jnp.mean(z, axis=-1, keepdims=True)
@@ -76,8 +92,11 @@ class TransformerPCN(nnx.Module):
     mlp_ratio: m, the MLP's hidden size over d.
     activation: the MLP's φ, a key of ``ACTIVATIONS``.
     parameterization, depth_exponent, precision: as for ``ResidualPCN``.
-      Attention and MLP layers alternate, so the weights are per-layer
-      tuples and the engine holds the activities per layer.
+      The weights are per-layer tuples and the engine holds the
+      activities per layer.
+    pc_layer: "sublayer" (every attention and every MLP a PC layer, 2R + 1
+      hidden layers) or "block" (every block one, R + 1 hidden layers).
+    layer_norm: False drops every layer norm (the branches' and the readout's).
     rngs: supplies the ``params`` key.
   """
 
@@ -85,7 +104,13 @@ class TransformerPCN(nnx.Module):
                out_features: int, *, heads: int = 4, mlp_ratio: int = 4,
                activation: str = "gelu", parameterization: str = "mupc",
                depth_exponent: float = parameterization_lib.DEPTH_EXPONENT,
-               precision: str = "float32", rngs: nnx.Rngs):
+               precision: str = "float32", pc_layer: str = "sublayer", layer_norm: bool = True,
+               rngs: nnx.Rngs):
+    if pc_layer not in PC_LAYERS:
+      raise ValueError(f"pc_layer must be 'sublayer' (a PC layer per attention and per MLP) or "
+                       f"'block' (one per block), got {pc_layer!r}.")
+    if not isinstance(layer_norm, bool):
+      raise ValueError(f"layer_norm must be true or false, got {layer_norm!r}.")
     if len(image_shape) != 3 or not all(isinstance(v, int) and v > 0 for v in image_shape):
       raise ValueError(f"TransformerPCN needs image_shape (H, W, C) of positive integers, got "
                        f"{image_shape!r}.")
@@ -104,7 +129,10 @@ class TransformerPCN(nnx.Module):
     parameterization_lib.check_depth_exponent(depth_exponent)
     p = parameterization_lib.get(parameterization)
     d, hidden = width, mlp_ratio * width
-    num_layers = 2 * blocks + 2  # L: every PC layer, the readout included
+    # L: every PC layer, the readout included.
+    num_layers = (2 * blocks if pc_layer == "sublayer" else blocks) + 2
+    self.pc_layer = pc_layer
+    self.layer_norm = layer_norm
     self.image_shape = tuple(image_shape)
     self.patch_size = patch_size
     self.heads = heads
@@ -114,19 +142,15 @@ class TransformerPCN(nnx.Module):
     self.precision = precision
     tokens = (image_shape[0] // patch_size) * (image_shape[1] // patch_size)
     patch = patch_size * patch_size * image_shape[2]
-    inner = lambda fan_in, out, stack: Dense(fan_in, out, multiplier=p.inner_multiplier(fan_in),
-                                             init=p.init, rngs=rngs, stack=stack, precision=precision)
-    outer = lambda fan_in, stack: Dense(
-        fan_in, d, multiplier=p.residual_multiplier(fan_in, num_layers, depth_exponent),
-        init=p.init, rngs=rngs, stack=stack, precision=precision)
-    self.embed = Dense(patch + tokens, d, multiplier=p.entry_multiplier(patch + tokens, num_layers),
-                       init=p.init, rngs=rngs, precision=precision)
-    self.attention_qkv = inner(d, 3 * d, blocks)
-    self.attention_out = outer(d, blocks)
-    self.mlp_up = inner(d, hidden, blocks)
-    self.mlp_down = outer(hidden, blocks)
-    self.head = Dense(d, out_features, multiplier=p.readout_multiplier(d, num_layers), init=p.init,
-                      rngs=rngs, precision=precision)
+    layer = lambda role, fan_in, out, stack=None: Dense(
+        fan_in, out, rngs=rngs, stack=stack, precision=precision,
+        **p.layer_options(role, fan_in, out, num_layers, depth_exponent))
+    self.embed = layer("entry", patch + tokens, d)
+    self.attention_qkv = layer("inner", d, 3 * d, blocks)
+    self.attention_out = layer("residual", d, d, blocks)
+    self.mlp_up = layer("inner", d, hidden, blocks)
+    self.mlp_down = layer("residual", hidden, d, blocks)
+    self.head = layer("readout", d, out_features)
     self.logit_scale = Premultiplier(jnp.asarray(p.attention_scale(d // heads), jnp.float32))
 
   @property
@@ -135,7 +159,7 @@ class TransformerPCN(nnx.Module):
 
   @property
   def hidden_layers(self) -> int:
-    return 1 + 2 * self.blocks
+    return 1 + (2 if self.pc_layer == "sublayer" else 1) * self.blocks
 
   @property
   def width(self) -> int:
@@ -172,19 +196,20 @@ class TransformerPCN(nnx.Module):
     return self.embed(self.patches(h))
 
   def residual_weights(self, stage: int = 0, dtype=None) -> tuple[tuple]:
-    """One tuple of the 2R residual layers' weights, bottom to top
-    (``AttentionLayer`` and ``MLPLayer`` alternating), kernels in ``dtype``
-    (default that of the products)."""
+    """One tuple of the residual layers' weights, bottom to top: 2R
+    ``AttentionLayer`` and ``MLPLayer`` alternating, or R ``BlockLayer``;
+    kernels in ``dtype`` (default that of the products)."""
     del stage
     dtype = dtype or PRECISIONS[self.precision][0]
     layers = []
     for r in range(self.blocks):
-      layers.append(AttentionLayer(self.attention_qkv.kernel[r].astype(dtype),
-                                   self.attention_qkv.multiplier[r],
-                                   self.attention_out.kernel[r].astype(dtype),
-                                   self.attention_out.multiplier[r]))
-      layers.append(MLPLayer(self.mlp_up.kernel[r].astype(dtype), self.mlp_up.multiplier[r],
-                             self.mlp_down.kernel[r].astype(dtype), self.mlp_down.multiplier[r]))
+      attention = AttentionLayer(self.attention_qkv.kernel[r].astype(dtype),
+                                 self.attention_qkv.multiplier[r],
+                                 self.attention_out.kernel[r].astype(dtype),
+                                 self.attention_out.multiplier[r])
+      mlp = MLPLayer(self.mlp_up.kernel[r].astype(dtype), self.mlp_up.multiplier[r],
+                     self.mlp_down.kernel[r].astype(dtype), self.mlp_down.multiplier[r])
+      layers += [attention, mlp] if self.pc_layer == "sublayer" else [BlockLayer(attention, mlp)]
     return (tuple(layers),)
 
   def residual_branch(self, stage: int, weights, h):
@@ -196,9 +221,15 @@ class TransformerPCN(nnx.Module):
     outputs = tuple(self._branch(layer, h[i]) for i, layer in enumerate(layers))
     return outputs if isinstance(h, tuple) else jnp.stack(outputs) if outputs else h
 
+  def _norm(self, z: jax.Array) -> jax.Array:
+    return layer_norm(z) if self.layer_norm else z
+
   def _branch(self, layer, z: jax.Array) -> jax.Array:
+    if isinstance(layer, BlockLayer):  # the block's attention, then its MLP on the result
+      attended = self._branch(layer.attention, z)
+      return attended + self._branch(layer.mlp, z + attended)
     precision = PRECISIONS[self.precision][1]
-    normed = layer_norm(z)
+    normed = self._norm(z)
     if isinstance(layer, MLPLayer):
       hidden = ACTIVATIONS[self.activation](layer.inner * matmul(normed, layer.up, self.precision))
       return layer.outer * matmul(hidden, layer.down, self.precision)
@@ -212,23 +243,25 @@ class TransformerPCN(nnx.Module):
     return layer.outer * matmul(mixed.reshape(batch, tokens, width), layer.out, self.precision)
 
   def readout(self, h: jax.Array) -> jax.Array:
-    """μ_L from the top activity [B, T, d]: layer norm, mean over tokens, the head."""
-    return self.head(jnp.mean(layer_norm(h), axis=1))
+    """μ_L from the top activity [B, T, d]: layer norm (if on), mean over tokens, the head."""
+    return self.head(jnp.mean(self._norm(h), axis=1))
 
   def weight_stacks(self, params) -> list[jax.Array]:
     """The weights of each PC layer bottom to top, flattened, each with a
     leading axis of one: the embedding, then per block its attention layer
-    (W_q, W_k, W_v, W_o) and its MLP layer (W_1, W_2), then the head."""
+    (W_q, W_k, W_v, W_o) and its MLP layer (W_1, W_2), or the block's one
+    layer (all six), then the head."""
     params = nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params
     flat = lambda *arrays: jnp.concatenate([jnp.ravel(a) for a in arrays])[None]
     out = [params["embed"]["kernel"].reshape(1, -1)]
     for r in range(params["attention_qkv"]["kernel"].shape[0]):
-      out.append(flat(params["attention_qkv"]["kernel"][r], params["attention_out"]["kernel"][r]))
-      out.append(flat(params["mlp_up"]["kernel"][r], params["mlp_down"]["kernel"][r]))
+      attention = params["attention_qkv"]["kernel"][r], params["attention_out"]["kernel"][r]
+      mlp = params["mlp_up"]["kernel"][r], params["mlp_down"]["kernel"][r]
+      out += [flat(*attention), flat(*mlp)] if self.pc_layer == "sublayer" else [flat(*attention, *mlp)]
     return out + [params["head"]["kernel"].reshape(1, -1)]
 
   def feedforward(self, x: jax.Array) -> jax.Array:
-    """The feed-forward pass: activities [1 + 2R, B, T, d], z_ℓ = μ_ℓ."""
+    """The feed-forward pass: activities [H, B, T, d], z_ℓ = μ_ℓ."""
     from mupc_flax.pc import forward  # the engine imports the networks' layers
     return forward.feedforward(self, x)
 
@@ -241,16 +274,17 @@ class TransformerPCN(nnx.Module):
 def make_network(spec, *, width: int = 64, blocks: int = 4, patch_size: int = 7, heads: int = 4,
                  mlp_ratio: int = 4, activation: str = "gelu", parameterization: str = "mupc",
                  depth_exponent: float = parameterization_lib.DEPTH_EXPONENT,
-                 precision: str = "float32", rngs: nnx.Rngs) -> TransformerPCN:
+                 precision: str = "float32", pc_layer: str = "sublayer", layer_norm: bool = True,
+                 rngs: nnx.Rngs) -> TransformerPCN:
   """The vision transformer for images of ``spec``, ``blocks`` (attention,
-  MLP) pairs of width d = ``width``."""
+  MLP) pairs of width d = ``width``, a PC layer per sublayer or per block."""
   if isinstance(width, int) and isinstance(heads, int) and heads > 0 and width % heads:
     raise ValueError(f"width ({width}) must be a multiple of heads ({heads}): choose heads that "
                      "divide it.")
   return TransformerPCN(spec.image_shape, patch_size, width, blocks, spec.num_classes, heads=heads,
                         mlp_ratio=mlp_ratio, activation=activation,
                         parameterization=parameterization, depth_exponent=depth_exponent,
-                        precision=precision, rngs=rngs)
+                        precision=precision, pc_layer=pc_layer, layer_norm=layer_norm, rngs=rngs)
 
 
 # The depth of a transformer is its blocks.
