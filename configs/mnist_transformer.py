@@ -13,6 +13,12 @@ into d = 64, then ``blocks`` (default 4) pairs of a pre-LN attention layer
 readout. The paper's MNIST recipe (β = 0.5, batch 64, T = H, MSE) with
 η = 0.03: the paper's η = 0.1 diverges within an epoch on this network
 (docs/results.md, section 10). ``bp`` trains it by backprop at η = 1e-2.
+
+The limits paper's options (README, "Transformer μPC"; measured in
+docs/results.md, section 10.5): ``pc_layer=block`` (one PC layer per block),
+``layer_norm=false``, ``depth_exponent=1`` and the weight optimizer per role
+(``optimizer=adamw,optimizer_scaling=per_role,weight_decay=0.01,
+warmup_steps=100,lr_schedule=cosine``), with ``loss=ce``.
 """
 
 from configs import default
