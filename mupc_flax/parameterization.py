@@ -63,6 +63,18 @@ def standard_normal(key: jax.Array, shape: tuple[int, ...], fan_in: int) -> jax.
   return jax.random.normal(key, (math.prod(shape),), jnp.float32).reshape(shape)
 
 
+def _check_role(role: str) -> None:
+  if role not in ROLES:
+    raise ValueError(f"Unknown weight role {role!r}; choose entry, residual, readout or inner.")
+
+
+def _unscaled(role: str, fan_in: int, fan_out: int, num_layers: int,
+              depth_exponent: float) -> tuple[float, float]:
+  """No per-role scaling: every weight at the optimizer's η and ε."""
+  _check_role(role)
+  return 1.0, 1.0
+
+
 @dataclasses.dataclass(frozen=True)
 class Parameterization:
   """Premultipliers by role (as functions of the layer's fan-in, L and, for
@@ -74,7 +86,7 @@ class Parameterization:
   inner_multiplier: Callable[[int], float]  # fan_in -> premultiplier, inside a branch
   attention_scale: Callable[[int], float]  # head dimension -> logit scale
   init: Initializer
-  optimizer_scale: OptimizerScale
+  optimizer_scale: OptimizerScale = _unscaled
 
   def multiplier(self, role: str, fan_in: int, num_layers: int,
                  depth_exponent: float = 0.5) -> float:
@@ -100,17 +112,6 @@ class Parameterization:
                 optimizer_scale=self.optimizer_scale(role, fan_in, fan_out, num_layers,
                                                      depth_exponent),
                 init=self.init)
-
-
-def _check_role(role: str) -> None:
-  if role not in ROLES:
-    raise ValueError(f"Unknown weight role {role!r}; choose entry, residual, readout or inner.")
-
-
-def _unscaled(role: str, fan_in: int, fan_out: int, num_layers: int,
-              depth_exponent: float) -> tuple[float, float]:
-  _check_role(role)
-  return 1.0, 1.0
 
 
 def mupc_optimizer_scale(role: str, fan_in: int, fan_out: int, num_layers: int,
@@ -147,7 +148,6 @@ PARAMETERIZATIONS: dict[str, Parameterization] = {
         inner_multiplier=lambda fan_in: 1.0,
         attention_scale=lambda head_dim: 1.0 / math.sqrt(head_dim),
         init=uniform_fan_in,
-        optimizer_scale=_unscaled,
     ),
     # μPC: Depth-μP premultipliers on an N(0, 1) init (dense: 1/√D, 1/√(N·L), 1/N).
     # Inside a branch, μP: 1/√fan_in, and 1/d_head on attention logits (Yang et
