@@ -22,11 +22,11 @@ The text after ':' is a comma-separated list of variants and overrides:
 """
 
 import difflib
-import inspect
 
 import ml_collections
 import optax
 
+from mupc_flax import train
 from mupc_flax.networks import kinds
 
 # The paper's BP learning rate for this experiment (MUPC.md: 1e-2, 1e-3 for linear nets).
@@ -187,8 +187,8 @@ def apply_arg(config: ml_collections.ConfigDict, arg: str | None,
       config.train.learning_rate = deep_learning_rate or bp_learning_rate
       config.train.lr_schedule = "cosine"
       # Only an optimizer with an ε gets one (optimizer=sgd,epc stays valid).
-      optimizer = getattr(optax, config.train.optimizer, None)
-      if callable(optimizer) and "eps" in inspect.signature(optimizer).parameters:
+      if (callable(getattr(optax, config.train.optimizer, None))
+          and train.optimizer_argument(config.train.optimizer, "eps") is not None):
         config.train.optimizer_eps = EPC_OPTIMIZER_EPS
     elif item == "deep":
       config.train.inference_optimizer = "momentum"

@@ -78,11 +78,10 @@ def validate_config(config, num_devices: int, num_processes: int) -> None:
   if not callable(getattr(optax, config.train.optimizer, None)):
     raise TrainingError(f"config.train.optimizer = {config.train.optimizer!r} is not an optax "
                         "optimizer (e.g. adam, sgd, adamw).")
-  if config.train.optimizer_eps and "eps" not in inspect.signature(
-      getattr(optax, config.train.optimizer)).parameters:
+  if config.train.optimizer_eps and optimizer_argument(config.train.optimizer, "eps") is None:
     raise TrainingError(f"config.train.optimizer_eps: optax.{config.train.optimizer} takes no "
                         "eps; set it to 0 or choose an optimizer that does (e.g. adam).")
-  if config.train.weight_decay and _optimizer_argument(config.train.optimizer, "weight_decay") is None:
+  if config.train.weight_decay and optimizer_argument(config.train.optimizer, "weight_decay") is None:
     raise TrainingError(f"config.train.weight_decay: optax.{config.train.optimizer} takes no "
                         "weight_decay; set it to 0 or choose an optimizer that does (e.g. adamw).")
   for field in ("train.inference_momentum", "train.inference_tolerance"):
@@ -216,7 +215,7 @@ def engine_of(config) -> pc.Engine:
   return pc.Engine(layout=config.engine.layout, kernel=config.engine.kernel)
 
 
-def _optimizer_argument(name: str, argument: str):
+def optimizer_argument(name: str, argument: str):
   """The default of optax.``name``'s ``argument``, or None if it takes none."""
   parameter = inspect.signature(getattr(optax, name)).parameters.get(argument)
   return None if parameter is None else parameter.default
@@ -246,7 +245,7 @@ def weight_optimizer(config, num_steps: int, params=None) -> optax.GradientTrans
                                      optax.constant_schedule(eta)], [train.warmup_steps])
   else:
     schedule = eta
-  default_eps = _optimizer_argument(train.optimizer, "eps")
+  default_eps = optimizer_argument(train.optimizer, "eps")
 
   def optimizer(lr_scale: float = 1.0, eps_scale: float = 1.0) -> optax.GradientTransformation:
     kwargs = {}
@@ -254,8 +253,7 @@ def weight_optimizer(config, num_steps: int, params=None) -> optax.GradientTrans
       kwargs["eps"] = (train.optimizer_eps or default_eps) * eps_scale
     if train.weight_decay:
       kwargs["weight_decay"] = train.weight_decay / lr_scale
-    lr = schedule if lr_scale == 1.0 else (
-        (lambda step: lr_scale * schedule(step)) if callable(schedule) else lr_scale * schedule)
+    lr = (lambda step: lr_scale * schedule(step)) if callable(schedule) else lr_scale * schedule
     return getattr(optax, train.optimizer)(lr, **kwargs)
 
   if train.optimizer_scaling == "none":
