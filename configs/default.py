@@ -22,6 +22,7 @@ The text after ':' is a comma-separated list of variants and overrides:
 """
 
 import difflib
+from collections.abc import Callable, Mapping
 
 import ml_collections
 import optax
@@ -148,24 +149,36 @@ def _override(config: ml_collections.ConfigDict, item: str) -> None:
   sections[0][name] = _parse_value(item, sections[0][name], value)
 
 
+# A config's own variant: sets its fields on the config and returns the weight
+# learning rate that the bp, deep and epc variants then train at.
+Recipe = Callable[[ml_collections.ConfigDict], float]
+
+
 def apply_arg(config: ml_collections.ConfigDict, arg: str | None,
               bp_learning_rate: float = BP_LEARNING_RATE,
-              deep_learning_rate: float | None = None) -> ml_collections.ConfigDict:
+              deep_learning_rate: float | None = None,
+              recipes: Mapping[str, Recipe] | None = None) -> ml_collections.ConfigDict:
   """Applies the variants and ``name=value`` overrides of a config argument.
 
   ``bp`` trains at ``bp_learning_rate``; ``deep`` at ``deep_learning_rate``
-  where a config has measured one, else at ``bp_learning_rate``.
+  where a config has measured one, else at ``bp_learning_rate``. A config's
+  own ``recipes`` apply before the built-in variants, wherever they stand, and
+  their learning rate replaces both (``adamw,bp`` is BP under that recipe).
 
   Overrides win over variants wherever they stand, and variants see them
   (``batch_size=128,deep`` sets β for a batch of 128).
   """
+  recipes = recipes or {}
   items = list(filter(None, (arg or "").split(",")))
   # A new kind first: it resets config.model to that kind's fields.
   overrides = sorted((item for item in items if "=" in item), key=lambda i: not i.startswith("kind="))
   for item in overrides:
     _override(config, item)
   for item in items:
-    if "=" in item:
+    if item in recipes:
+      bp_learning_rate = deep_learning_rate = recipes[item](config)
+  for item in items:
+    if "=" in item or item in recipes:
       continue
     if item == "smoke":
       config.model.update(kinds.get(config.model.kind).smoke)
@@ -199,9 +212,10 @@ def apply_arg(config: ml_collections.ConfigDict, arg: str | None,
       config.train.learning_rate = deep_learning_rate or bp_learning_rate
       config.train.lr_schedule = "cosine"
     else:
-      close = difflib.get_close_matches(item, ("smoke", "sp", "bp", "deep", "epc"), n=1)
+      names = ("smoke", "sp", "bp", "deep", "epc", *recipes)
+      close = difflib.get_close_matches(item, names, n=1)
       hint = f"; did you mean {close[0]!r}?" if close else "."
-      raise ValueError(f"Unknown config variant {item!r}{hint} Use smoke, sp, bp, deep, epc or "
+      raise ValueError(f"Unknown config variant {item!r}{hint} Use {', '.join(names)} or "
                        "name=value.")
   for item in overrides:
     _override(config, item)

@@ -5,6 +5,9 @@
     python -m mupc_flax.main --config=configs/mnist_transformer.py:sp --workdir=runs/vit_sp
     python -m mupc_flax.main --config=configs/mnist_transformer.py:bp --workdir=runs/vit_bp
     python -m mupc_flax.main --config=configs/mnist_transformer.py:depth_exponent=1 --workdir=runs/vit_a1
+    python -m mupc_flax.main --config=configs/mnist_transformer.py:blocks=8,adamw,epc --workdir=runs/vit8_epc
+    python -m mupc_flax.main --config=configs/mnist_transformer.py:blocks=8,adamw,bp --workdir=runs/vit8_bp
+    python -m mupc_flax.main --config=configs/mnist_transformer.py:blocks=8,limits --workdir=runs/vit8_limits
 
 The network (``TransformerPCN``): a patch embedding with learned positions
 into d = 64, then ``blocks`` (default 4) pairs of a pre-LN attention layer
@@ -14,11 +17,15 @@ readout. The paper's MNIST recipe (β = 0.5, batch 64, T = H, MSE) with
 η = 0.03: the paper's η = 0.1 diverges within an epoch on this network
 (docs/results.md, section 10). ``bp`` trains it by backprop at η = 1e-2.
 
-The limits paper's options (README, "Transformer μPC"; measured in
-docs/results.md, section 10.5): ``pc_layer=block`` (one PC layer per block),
-``layer_norm=false``, ``depth_exponent=1`` and the weight optimizer per role
-(``optimizer=adamw,optimizer_scaling=per_role,weight_decay=0.01,
-warmup_steps=100,lr_schedule=cosine``), with ``loss=ce``.
+This config's own variants (README, "Transformer μPC"; measured in
+docs/results.md, section 10.5), which set the η that ``bp``, ``deep`` and
+``epc`` then train at:
+  adamw    the strong recipe: cross-entropy, AdamW (λ = 0.01), 100 warm-up
+           steps and the cosine decay, η = 3e-2 (``adamw,bp`` the strong BP,
+           ``adamw,epc`` ePC under it)
+  limits   the limits paper's recipe: one PC layer per block, no layer norm,
+           α = 1, the weight optimizer per role (adamw's, η = 0.1), and state
+           PC by gradient descent at a per-sample step of 0.45 for T = H steps
 """
 
 from configs import default
@@ -26,6 +33,11 @@ from mupc_flax.networks import kinds
 
 BP_LEARNING_RATE = 1e-2  # the best of 3e-4 … 0.1 over one epoch (docs/results.md, section 10)
 LEARNING_RATE = 0.03  # μPC's best of 0.3 … 0.01 at 2 and 4 blocks, 300 steps (section 10)
+ADAMW_LEARNING_RATE = 0.03  # BP's best of 3e-3 … 0.1 under adamw at 8 blocks (section 10.5)
+ADAMW_WEIGHT_DECAY = 0.01
+ADAMW_WARMUP_STEPS = 100
+LIMITS_LEARNING_RATE = 0.1  # BP's best of 1e-2 … 0.3 on the limits network, per role (10.5)
+LIMITS_STEP_PER_SAMPLE = 0.45  # the limits paper's inference step, per sample
 
 
 def transformer(config, width: int, blocks: int, patch_size: int):
@@ -35,7 +47,26 @@ def transformer(config, width: int, blocks: int, patch_size: int):
   return config
 
 
+def adamw(config) -> float:
+  """Cross-entropy, AdamW, warm-up and the cosine decay; returns their η."""
+  config.train.update(loss="ce", optimizer="adamw", weight_decay=ADAMW_WEIGHT_DECAY,
+                      warmup_steps=ADAMW_WARMUP_STEPS, lr_schedule="cosine",
+                      learning_rate=ADAMW_LEARNING_RATE)
+  return ADAMW_LEARNING_RATE
+
+
+def limits(config) -> float:
+  """The limits paper's network, weight optimizer and inference; returns its η."""
+  adamw(config)
+  config.model.update(pc_layer="block", layer_norm=False, depth_exponent=1.0)
+  config.train.update(optimizer_scaling="per_role", learning_rate=LIMITS_LEARNING_RATE,
+                      inference_optimizer="gd", inference_steps=0, steps_per_layer=1,
+                      inference_lr=LIMITS_STEP_PER_SAMPLE * config.train.batch_size)
+  return LIMITS_LEARNING_RATE
+
+
 def get_config(arg: str | None = None):
   config = transformer(default.base_config(), width=64, blocks=4, patch_size=7)
   config.train.learning_rate = LEARNING_RATE
-  return default.apply_arg(config, arg, bp_learning_rate=BP_LEARNING_RATE)
+  return default.apply_arg(config, arg, bp_learning_rate=BP_LEARNING_RATE,
+                           recipes={"adamw": adamw, "limits": limits})

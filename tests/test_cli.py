@@ -206,6 +206,10 @@ CASES = {
     "unknown variant": Case(lambda s: s.main(config="configs/default.py:smok"),
                             r"Unknown config variant 'smok'; did you mean 'smoke'\? Use smoke, sp, bp, "
                             r"deep, epc or name=value"),
+    "unknown variant of a config with recipes": Case(
+        lambda s: s.main(config="configs/mnist_transformer.py:adamv"),
+        r"Unknown config variant 'adamv'; did you mean 'adamw'\? Use smoke, sp, bp, deep, epc, "
+        r"adamw, limits or name=value"),
     "bad name=value": Case(lambda s: s.main(config="configs/default.py:width=abc"),
                            r"'width=abc': 'abc' is not a valid int"),
     "unknown name=value": Case(lambda s: s.main(config="configs/default.py:wdth=3"),
