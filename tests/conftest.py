@@ -55,6 +55,19 @@ def shared_compilation_cache(tmp_path_factory):
   compilation_cache.reset_cache()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def decoded_data_cache(tmp_path_factory):
+  """The decoded splits' cache in this session's folder, not the user's: every
+  run in a subprocess after the first loads MNIST from it."""
+  saved = os.environ.get("MUPC_CACHE_DIR")
+  os.environ["MUPC_CACHE_DIR"] = str(tmp_path_factory.mktemp("decoded_splits"))
+  yield
+  if saved is None:
+    os.environ.pop("MUPC_CACHE_DIR")
+  else:
+    os.environ["MUPC_CACHE_DIR"] = saved
+
+
 def _finished_run(tmp_path_factory, data_dir, name, *overrides):
   from programs import run
   workdir = tmp_path_factory.mktemp(name)

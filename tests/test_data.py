@@ -294,6 +294,50 @@ def test_in_memory_and_streaming_reads_agree(small):
     assert np.array_equal(x["x"], y["x"]) and np.array_equal(x["y"], y["y"])
 
 
+def test_a_split_is_decoded_once_and_then_loaded_from_the_cache(small, tmp_path, monkeypatch):
+  monkeypatch.setenv("MUPC_CACHE_DIR", str(tmp_path / "cache"))
+  images, labels = small[1]["train"]
+  expected = image_counter(images, labels)
+  decoded = data.Split("fashion_mnist", "train", small[0])
+  assert image_counter(*decoded.read(np.arange(300))) == expected
+  (cached,) = (tmp_path / "cache").iterdir()
+  assert cached == pipeline.cache_path("fashion_mnist", "train", small[0])
+  assert cached != pipeline.cache_path("fashion_mnist", "test", small[0])
+
+  def no_decoding(self, indices):
+    raise AssertionError("decoded again")
+
+  with monkeypatch.context() as patch:
+    patch.setattr(pipeline.Split, "_decode", no_decoding)
+    loaded = data.Split("fashion_mnist", "train", small[0])
+  for a, b in zip(loaded.read(np.arange(300)), decoded.read(np.arange(300))):
+    np.testing.assert_array_equal(a, b)
+
+  # A damaged cache file (cut short, or another split's arrays) is decoded again and replaced.
+  for damage in (cached.read_bytes()[:1000], b"not an npz file"):
+    cached.write_bytes(damage)
+    again = data.Split("fashion_mnist", "train", small[0])
+    assert image_counter(*again.read(np.arange(300))) == expected
+    assert pipeline._load_decoded(cached, 300, (28, 28, 1)) is not None
+  np.savez(cached, images=images[:10], labels=labels[:10])
+  assert image_counter(*data.Split("fashion_mnist", "train", small[0]).read(np.arange(300))) == expected
+
+  # A cache folder that cannot be written costs only the decoding.
+  monkeypatch.setenv("MUPC_CACHE_DIR", str(tmp_path / "a_file"))
+  (tmp_path / "a_file").write_text("")
+  assert image_counter(*data.Split("fashion_mnist", "train", small[0]).read(np.arange(300))) == expected
+
+
+def test_a_new_preparation_gets_a_new_cache_key(tmp_path):
+  source = tmp_path / "source"
+  datafiles.write_mnist_like(source, train=20, test=10)
+  data.prepare("fashion_mnist", tmp_path / "tfds", manual_dir=source)
+  first = pipeline.cache_path("fashion_mnist", "train", tmp_path / "tfds")
+  info = builders.dataset_dir("fashion_mnist", tmp_path / "tfds") / "dataset_info.json"
+  os.utime(info, ns=(info.stat().st_atime_ns, info.stat().st_mtime_ns + 1))
+  assert pipeline.cache_path("fashion_mnist", "train", tmp_path / "tfds") != first
+
+
 def test_restored_iterator_continues_exactly(small):
   split = data.Split("fashion_mnist", "train", small[0])
   dataset = data.train_dataset(split, global_batch_size=32, seed=3)
