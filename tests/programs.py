@@ -20,7 +20,7 @@ RESUMABLE = ["--config.model.width=256", "--config.model.hidden_layers=8",
 
 def command(workdir, data_dir, *overrides, config="configs/default.py:smoke"):
   return [sys.executable, "-m", "mupc_flax.main", f"--config={config}", f"--workdir={workdir}",
-          f"--config.data.data_dir={data_dir}", "--config.data.in_memory=False", *overrides]
+          f"--config.data.data_dir={data_dir}", *overrides]
 
 
 def environment(devices=1):

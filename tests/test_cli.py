@@ -130,7 +130,7 @@ class Setup:
     return [sys.executable, "-m", "mupc_flax.main", f"--config={config}",
             f"--workdir={workdir or self.new_workdir}",
             f"--config.data.data_dir={self.data_dir or self.folder / 'tfds'}",
-            "--config.data.in_memory=False", *flags]  # decoding all of MNIST takes seconds
+            *flags]
 
   def copy_of_trained(self) -> pathlib.Path:
     return pathlib.Path(shutil.copytree(self.trained, self.folder / "trained"))

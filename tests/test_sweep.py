@@ -18,7 +18,7 @@ def sweep(workdir, data_dir, *extra):
   return subprocess.run(
       [sys.executable, "-m", "mupc_flax.sweep", "--config=configs/default.py:smoke",
        f"--workdir={workdir}", "--learning_rates=0.1,0.05", "--inference_lrs=0.5,1e9",
-       f"--config.data.data_dir={data_dir}", "--config.data.in_memory=False",
+       f"--config.data.data_dir={data_dir}",
        "--config.train.num_steps=20", "--config.eval_every_steps=20",
        "--config.checkpoint_every_steps=20", *extra],
       cwd=REPO, capture_output=True, text=True, timeout=600)

@@ -353,7 +353,7 @@ def test_eight_devices_end_to_end_match_one(tmp_path, mnist_data_dir, smoke_run_
 
 
 # The multi-process runs are the 30-step smoke run of conftest.py, which they must match.
-SMALL = ["--config.train.num_steps=30", "--config.data.in_memory=False"]
+SMALL = ["--config.train.num_steps=30"]
 
 
 def assert_same_run(reference, other):
