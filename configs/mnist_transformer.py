@@ -18,7 +18,7 @@ readout. The paper's MNIST recipe (β = 0.5, batch 64, T = H, MSE) with
 (docs/results.md, section 10). ``bp`` trains it by backprop at η = 1e-2.
 
 This config's own variants (README, "Transformer μPC"; measured in
-docs/results.md, sections 10.5 and 10.6), which set the η that ``bp``, ``deep`` and
+docs/results.md, sections 10.5 to 10.7), which set the η that ``bp``, ``deep`` and
 ``epc`` then train at:
   adamw    the strong recipe: cross-entropy, AdamW (λ = 0.01), 100 warm-up
            steps and the cosine decay, η = 3e-2 (``adamw,bp`` the strong BP,
