@@ -14,7 +14,10 @@ long, and ends the process with one ``error:`` line instead (``cli.exit_now``):
   the newest complete checkpoint, which a rerun resumes from. A process that
   fails with its own error says so in the store, and the others stop at once.
 
-JAX's own timeouts are set to twice these, as a backstop. Only the loss of
+JAX's own timeouts are set longer, as a backstop: twice the join timeout, and
+four times the peer timeout (JAX called a peer killed mid-save dead within
+6 s at a heartbeat timeout of 10 s: at twice ours the two clocks raced, and
+under load JAX's fatal error came first). Only the loss of
 process 0, which hosts JAX's coordination service, still ends the others
 through JAX's fatal error (at once): no process is left to tell them.
 """
@@ -80,7 +83,7 @@ def join(coordinator_address: str | None = None, num_processes: int | None = Non
   alone.start()
   cli.exit_at_once_on_failure()
   backstop = dict(initialization_timeout=int(2 * initialization_timeout),
-                  heartbeat_timeout_seconds=int(2 * peer_timeout))
+                  heartbeat_timeout_seconds=int(4 * peer_timeout))
   try:
     if coordinator_address is None:
       jax.distributed.initialize(**backstop)
