@@ -8,6 +8,7 @@ horizontal flip and rotation up to 10°.
 """
 
 from configs import default
+from mupc_flax import variants
 
 
 BP_LEARNING_RATE = 1e-2
@@ -22,11 +23,11 @@ def cifar10_recipe():
   config.train.batch_size = 128
   config.train.num_epochs = 20
   config.train.learning_rate = 0.1
-  config.train.inference_lr = 0.01
+  config.inference.lr = 0.01
   return config
 
 
 def get_config(arg: str | None = None):
   config = cifar10_recipe()
   config.model.hidden_layers = 128
-  return default.apply_arg(config, arg, bp_learning_rate=BP_LEARNING_RATE)
+  return variants.apply(config, arg, rates=variants.Rates(bp=BP_LEARNING_RATE))

@@ -9,11 +9,12 @@ each, 27 hidden layers, T = 27; η and β as the paper's CIFAR-10 runs (0.1,
 0.01), 20 epochs. Meant for a GPU; ``:smoke`` runs a tiny one anywhere.
 """
 
-from configs import cifar10_128, default
+from configs import cifar10_128
+from mupc_flax import variants
 from mupc_flax.networks import kinds
 
 
 def get_config(arg: str | None = None):
   config = cifar10_128.cifar10_recipe()
   config.model = kinds.model_config("conv", width=32, stages=3, residual_layers=8)
-  return default.apply_arg(config, arg, bp_learning_rate=cifar10_128.BP_LEARNING_RATE)
+  return variants.apply(config, arg, rates=variants.Rates(bp=cifar10_128.BP_LEARNING_RATE))

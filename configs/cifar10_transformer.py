@@ -8,10 +8,11 @@ CIFAR-10 recipe (η = 0.1, β = 0.01, augmentation, 20 epochs). Meant for a
 GPU; ``:smoke`` runs a tiny one anywhere.
 """
 
-from configs import cifar10_128, default, mnist_transformer
+from configs import cifar10_128, mnist_transformer
+from mupc_flax import variants
 
 
 def get_config(arg: str | None = None):
   config = mnist_transformer.transformer(cifar10_128.cifar10_recipe(), width=128, blocks=6,
                                          patch_size=4)
-  return default.apply_arg(config, arg, bp_learning_rate=mnist_transformer.BP_LEARNING_RATE)
+  return variants.apply(config, arg, rates=variants.Rates(bp=mnist_transformer.BP_LEARNING_RATE))

@@ -5,6 +5,7 @@
 """
 
 from configs import default
+from mupc_flax import variants
 
 
 def get_config(arg: str | None = None):
@@ -12,6 +13,6 @@ def get_config(arg: str | None = None):
   config.model.hidden_layers = 128
   config.train.num_epochs = 5
   config.train.learning_rate = 0.1
-  config.train.inference_lr = 0.5
+  config.inference.lr = 0.5
   config.eval_every_steps = 0
-  return default.apply_arg(config, arg, bp_learning_rate=5e-3)
+  return variants.apply(config, arg, rates=variants.Rates(bp=5e-3))

@@ -17,6 +17,7 @@ The strided stem keeps one epoch to minutes on a CPU (stem_stride=1 keeps
 """
 
 from configs import default
+from mupc_flax import variants
 from mupc_flax.networks import kinds
 
 # The deep recipe's weight learning rate here: 0.03 beat BP's 0.01 by 2.5
@@ -27,4 +28,4 @@ DEEP_LEARNING_RATE = 0.03
 def get_config(arg: str | None = None):
   config = default.base_config()
   config.model = kinds.model_config("conv", width=16, stages=3, residual_layers=6, stem_stride=2)
-  return default.apply_arg(config, arg, bp_learning_rate=1e-2, deep_learning_rate=DEEP_LEARNING_RATE)
+  return variants.apply(config, arg, rates=variants.Rates(bp=1e-2, deep=DEEP_LEARNING_RATE))

@@ -9,13 +9,15 @@ for linear and tanh); BP uses 1e-2 (1e-3 for linear networks).
 """
 
 from configs import default
+from mupc_flax import variants
+
+
+def by_activation(config) -> variants.Rates:
+  """β and BP's η for the activation the config ends up with (the paper's)."""
+  if config.model.activation in ("linear", "tanh"):
+    config.inference.lr = 1.0
+  return variants.Rates(bp=1e-3 if config.model.activation == "linear" else 1e-2)
 
 
 def get_config(arg: str | None = None):
-  config = default.base_config()
-  overrides = dict(item.split("=", 1) for item in (arg or "").split(",") if "=" in item)
-  activation = overrides.get("activation", config.model.activation)
-  if activation in ("linear", "tanh"):
-    config.train.inference_lr = 1.0
-  # Explicit overrides in ``arg`` are applied last, so they win.
-  return default.apply_arg(config, arg, bp_learning_rate=1e-3 if activation == "linear" else 1e-2)
+  return variants.apply(default.base_config(), arg, rates=by_activation)

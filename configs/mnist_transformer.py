@@ -29,6 +29,7 @@ docs/results.md, sections 10.5 to 10.7), which set the η that ``bp``, ``deep`` 
 """
 
 from configs import default
+from mupc_flax import variants
 from mupc_flax.networks import kinds
 
 BP_LEARNING_RATE = 1e-2  # the best of 3e-4 … 0.1 over one epoch (docs/results.md, section 10)
@@ -59,14 +60,14 @@ def limits(config) -> float:
   """The limits paper's network, weight optimizer and inference; returns its η."""
   adamw(config)
   config.model.update(pc_layer="block", layer_norm=False, depth_exponent=1.0)
-  config.train.update(optimizer_scaling="per_role", learning_rate=LIMITS_LEARNING_RATE,
-                      inference_optimizer="gd", inference_steps=0, steps_per_layer=1,
-                      inference_lr=LIMITS_STEP_PER_SAMPLE * config.train.batch_size)
+  config.train.update(optimizer_scaling="per_role", learning_rate=LIMITS_LEARNING_RATE)
+  config.inference.update(optimizer="gd", momentum=0.0, steps=None, steps_per_layer=1,
+                          lr=LIMITS_STEP_PER_SAMPLE * config.train.batch_size)
   return LIMITS_LEARNING_RATE
 
 
 def get_config(arg: str | None = None):
   config = transformer(default.base_config(), width=64, blocks=4, patch_size=7)
   config.train.learning_rate = LEARNING_RATE
-  return default.apply_arg(config, arg, bp_learning_rate=BP_LEARNING_RATE,
-                           recipes={"adamw": adamw, "limits": limits})
+  return variants.apply(config, arg, rates=variants.Rates(bp=BP_LEARNING_RATE),
+                        recipes={"adamw": adamw, "limits": limits})

@@ -36,7 +36,7 @@ import make_results  # noqa: E402  (its config loading and evaluation reading)
 
 import mupc_flax as mf  # noqa: E402
 from mupc_flax import data, diagnostics, plots, sweep  # noqa: E402
-from mupc_flax.train import build_model, inference_of  # noqa: E402
+from mupc_flax.validation import build_model, inference_of  # noqa: E402
 
 REPO = make_results.REPO
 FIGURES = make_results.FIGURES
@@ -83,7 +83,7 @@ def profiles(splits, results) -> dict:
     # Same numbers; unrolling 3H-step loops of convolutions compiles for minutes.
     engine = mf.Engine(unroll=False)
     hidden = model.hidden_layers
-    deep = inference_of(make_results.load_config("configs/mnist_depth.py", "deep"), model)
+    deep = inference_of(make_results.load_config("configs/mnist_depth.py", "deep"))
     deep = dataclasses.replace(deep, engine=engine)
     inferences = {
         "paper": mf.Inference(hidden, 0.5, engine=engine),

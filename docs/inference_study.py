@@ -8,7 +8,7 @@
 Each point is an ordinary run of ``--config`` with the network's fields, the
 recipe and ``seed``; a finished point is read back, not rerun. A recipe is a
 name of ``RECIPES`` or ``label:spec`` with ``spec`` a config argument (variants
-and overrides, e.g. ``epc5:epc,inference_steps=5``). Per-sample steps are
+and overrides, e.g. ``epc5:epc,steps=5``). Per-sample steps are
 written for batch 64 (β = 64 × step). ``bp`` is given the cosine decay the
 ``deep`` and ``epc`` variants use, and with ``--bp_learning_rate`` the PC
 recipe's η, so every recipe has the same weight schedule.
@@ -23,7 +23,6 @@ machine: rough; ``benchmarks/step_benchmark.py`` times them side by side).
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import pathlib
@@ -48,11 +47,11 @@ RECIPES = {
     "deep_gamma": "deep,output_precision=0.01",
     "epc": _EPC,
     "epc_eps": "epc",
-    "epc_t3": _EPC + ",inference_steps=3,inference_lr=6.4",
-    "epc_t10": _EPC + ",inference_steps=10,inference_lr=16",
-    "epc_t10_guard": _EPC + ",inference_steps=10,inference_lr=16,inference_step_guard=5",
-    "epc_s0.1": _EPC + ",inference_lr=6.4",
-    "epc_s0.1_guard": _EPC + ",inference_lr=6.4,inference_step_guard=5",
+    "epc_t3": _EPC + ",steps=3,lr=6.4",
+    "epc_t10": _EPC + ",steps=10,lr=16",
+    "epc_t10_guard": _EPC + ",steps=10,lr=16,step_guard=5",
+    "epc_s0.1": _EPC + ",lr=6.4",
+    "epc_s0.1_guard": _EPC + ",lr=6.4,step_guard=5",
 }
 
 
@@ -90,18 +89,16 @@ def initial_cosines(workdir: pathlib.Path, config: str, network: str, label: str
   cache = workdir / f"{network.replace('=', '').replace(',', '_')}_{label}_init.json"
   if not cache.exists():
     sys.path.insert(0, str(REPO))
-    from mupc_flax import data, diagnostics, train  # noqa: PLC0415 (only when computing)
-    module_spec = importlib.util.spec_from_file_location("study_config", REPO / config)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    cfg = module.get_config(",".join(filter(None, (network, spec))))
+    from mupc_flax import configuration, data, diagnostics, validation  # noqa: PLC0415
+    arg = ",".join(filter(None, (network, spec)))
+    cfg = configuration.load(str(REPO / config) + (f":{arg}" if arg else ""))
     cosines = None
     if cfg.train.algorithm == "pc":
-      _, test = train.load_splits(cfg)
-      model = train.build_model(cfg, test.spec)
+      _, test = validation.load_splits(cfg)
+      model = validation.build_model(cfg, test.spec)
       batch = data.pipeline.preprocess(*test.read(np.arange(64)), test.spec)
       cosines = diagnostics.pc_bp_agreement(model, batch["x"], batch["y"],
-                                            train.inference_of(cfg, model),
+                                            validation.inference_of(cfg),
                                             loss=cfg.train.loss)["layer_cosines"]
     workdir.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(cosines))

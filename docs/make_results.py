@@ -8,7 +8,6 @@ the numbers to docs/results.json. About an hour on 2 CPU cores.
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import pathlib
@@ -28,11 +27,9 @@ FIGURES = REPO / "docs" / "figures"
 
 
 def load_config(path: str, arg: str | None = None):
-  sys.path.insert(0, str(REPO))
-  spec = importlib.util.spec_from_file_location("config_file", REPO / path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  """The config at ``path`` (relative to the repository) with the variant argument ``arg``."""
+  from mupc_flax import configuration  # noqa: PLC0415
+  return configuration.load(str(REPO / path) + (f":{arg}" if arg else ""))
 
 
 def prepared_mnist(workdir: str) -> tuple[pathlib.Path, str, tuple]:

@@ -22,6 +22,7 @@ from typing import Callable
 
 from absl import app, flags, logging
 
+from mupc_flax import configuration
 from mupc_flax.errors import UserError
 
 _TRACEBACK = flags.DEFINE_bool("traceback", False, "On an error, also print the Python traceback.")
@@ -165,8 +166,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
     if not os.path.isfile(path):
       _fail(f"--config: there is no config file {os.path.abspath(path)}; give its path, e.g. "
             "--config=configs/default.py (relative to the current directory).", show_traceback)
-    # Variants import their base as ``configs.default``: find it beside the file, from any directory.
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(path))))
+    configuration.make_importable(path)
   try:
     return flags.FLAGS(argv)
   except Exception as e:  # The config file runs inside flag parsing: anything can come out.
@@ -184,6 +184,9 @@ def _describe_flag_error(e: Exception, argv: list[str], config: str | None) -> s
     field = field.group(1) if field else text
     override = next((a.split("=", 1)[0] for a in argv
                      if a.startswith("--config.") and f".{field}" in a.split("=", 1)[0]), "--config.*")
+    moved = configuration.RENAMED.get(override.removeprefix("--config."))
+    if moved:
+      return f"{override} is now --config.{moved}; use that name."
     hint = re.search(r'Did you mean "([^"]+)"', text)
     return (f"{override}: the config has no field {field!r}"
             + (f"; did you mean {hint.group(1)!r}?" if hint else "; see the config file for its fields."))

@@ -57,3 +57,12 @@ def _kernel_file_system(path: pathlib.Path) -> str | None:
         if path == point or path.startswith(point.rstrip("/") + "/")]
   kind = max(on)[1] if on else None
   return kind if kind in _KERNEL_FILE_SYSTEMS else None
+
+
+class FieldError(ValueError):
+  """A value a dataclass of the engine (``pc.Inference``, ``pc.Engine``) cannot
+  take; ``field`` names the field, so that a config can say where it was set."""
+
+  def __init__(self, field: str, message: str):
+    super().__init__(message)
+    self.field = field

@@ -5,15 +5,12 @@
         --config.train.batch_size=128
     python -m mupc_flax.main --config=configs/default.py:smoke --print_config
 
-The text after ':' in --config chains variants and overrides:
-  smoke        a tiny model for 60 steps (seconds on a CPU)
-  bp           backprop on the same network, at the paper's BP learning rate
-  sp           standard PC (η = β = 1e-2)
-  deep         the deep-inference recipe (heavy-ball momentum, T = 2H)
-  name=value   any model, train or data field, e.g. hidden_layers=32,width=256,bp
+The text after ':' in --config chains variants and overrides (a config may
+add recipes of its own, listed in its docstring):
+{variants}
 Single fields are set with --config.<section>.<field>=value, e.g.
---config.train.learning_rate=0.05; --print_config prints every field of the
-resolved config, and exits.
+--config.train.learning_rate=0.05 or --config.inference.lr=0.25;
+--print_config prints every field of the resolved config, and exits.
 
 Paths may be relative to the current directory. The dataset is prepared on
 first use in $TFDS_DATA_DIR, else ~/tensorflow_datasets (or
@@ -31,7 +28,9 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mupc_flax import checkpointing, cli, cluster, train
+from mupc_flax import checkpointing, cli, cluster, train, variants
+
+__doc__ = __doc__.format(variants="\n".join(f"  {line}" for line in variants.help_lines()))
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, optionally with an argument: configs/x.py:smoke.",

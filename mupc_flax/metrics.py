@@ -113,12 +113,6 @@ def _records(path: pathlib.Path):
     offset = end
 
 
-def read_events(folder: str | os.PathLike) -> list:
-  """Every Event of the event files in ``folder``, file by file in time order."""
-  return [event for path in sorted(pathlib.Path(folder).glob("events.out.tfevents.*"))
-          for _, event in _records(path)]
-
-
 def truncate_events_after(folder: pathlib.Path, step: int) -> None:
   """Drops the TensorBoard events logged after ``step`` (those of a run killed
   after its last checkpoint), so a resumed run's curves do not overlap the

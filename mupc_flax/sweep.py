@@ -4,7 +4,7 @@
         --learning_rates=0.5,0.1,0.05,0.01 --inference_lrs=10,1,0.5,0.1 --widths=64,256
 
 Every grid point is an ordinary training run of the config (with
-``train.learning_rate`` = η, ``train.inference_lr`` = β and the width or
+``train.learning_rate`` = η, ``inference.lr`` = β and the width or
 depth set) in ``<workdir>/runs/<name>``: rerunning the command resumes
 unfinished points and skips finished ones. ``--workers=N`` runs N processes
 side by side (on GPUs, one device each). The table goes to
@@ -26,7 +26,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mupc_flax import cli, data, metrics, train
+from mupc_flax import cli, data, metrics, train, validation
 from mupc_flax.networks import kinds
 from mupc_flax.errors import UserError, check_writable_dir
 
@@ -63,7 +63,7 @@ def grid(config, learning_rates, inference_lrs, widths=(), depths=()) -> list[tu
       point.model.width = int(width)
     if depths:
       point.model[depth_field] = int(depth)
-    point.train.learning_rate, point.train.inference_lr = float(lr), float(beta)
+    point.train.learning_rate, point.inference.lr = float(lr), float(beta)
     shape = [f"{prefix}{int(v)}" for prefix, v in (("w", width), ("h", depth)) if v is not None]
     points.append(("_".join(shape + [f"lr{float(lr):g}", f"beta{float(beta):g}"]), point))
   return points
@@ -80,7 +80,7 @@ def run_point(name: str, config, workdir: pathlib.Path, splits=None) -> dict:
   except (ValueError, TypeError):
     hidden_layers = None  # a shape the network refuses: the run reports it
   row = {"name": name, "width": config.model.get("width"), "hidden_layers": hidden_layers,
-         "learning_rate": config.train.learning_rate, "inference_lr": config.train.inference_lr}
+         "learning_rate": config.train.learning_rate, "inference_lr": config.inference.lr}
   start = time.perf_counter()
   try:
     final = train.train_and_evaluate(config, str(run_dir), splits=splits)
@@ -150,7 +150,7 @@ def main(argv):
     _spawn_workers(_WORKERS.value)
   else:
     index, count = map(int, (_WORKER.value or "0/1").split("/"))
-    splits = train.load_splits(config)  # loaded once, shared by every run of this worker
+    splits = validation.load_splits(config)  # loaded once, shared by every run of this worker
     for name, point in points[index::count]:
       row = run_point(name, point, workdir, splits)
       if row["status"] == "preempted":

@@ -1,171 +1,29 @@
 """The training program: ``train_and_evaluate(config, workdir)``.
 
-It prepares the dataset if needed, builds the mesh, model, optimizer and
-pipelines, resumes from the newest checkpoint in ``workdir``, trains with the
-PC (or BP) step, evaluates on the whole test split, logs (process 0 only) to
-the console, ``metrics.jsonl`` and TensorBoard, and checkpoints every N steps,
-at the end and on SIGTERM or Ctrl-C.
+It checks the config and builds the run from it (``validation``), prepares
+the dataset if needed, resumes from the newest checkpoint in ``workdir``,
+trains with the PC (or BP) step, evaluates on the whole test split, logs
+(process 0 only) to the console, ``metrics.jsonl`` and TensorBoard, and
+checkpoints every N steps, at the end and on SIGTERM or Ctrl-C
+(``preemption``). The workdir's own records are ``workdir``'s.
 """
 
 import contextlib
-import fcntl
-import inspect
-import json
 import os
 import pathlib
 import shutil
-import signal
-import threading
 import time
-from typing import get_args
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import logging
 from flax import nnx
 
-from mupc_flax import checkpointing, data, diagnostics, metrics, pc, sharding, steps
-from mupc_flax.errors import UserError, check_writable_dir
-from mupc_flax.networks import kinds
-
-
-class TrainingError(UserError):
-  """The run cannot start or go on; the message says why and what to do."""
-
-
-_CHOICES = {
-    "data.name": data.DATASETS,
-    "engine.layout": get_args(pc.options.Layout),
-    "engine.kernel": get_args(pc.options.Kernel),
-    "train.algorithm": get_args(steps.Algorithm),
-    "train.loss": tuple(pc.LOSSES),
-    "train.schedule": get_args(pc.Schedule),
-    "train.inference_method": get_args(pc.inference.Method),
-    "train.inference_optimizer": get_args(pc.Optimizer),
-    "train.lr_schedule": ("constant", "cosine"),
-    "train.optimizer_scaling": ("none", "per_role"),
-}
-_POSITIVE = ("train.batch_size", "train.num_epochs", "train.output_precision",
-             "train.learning_rate", "train.phases", "train.steps_per_layer", "log_every_steps",
-             "eval_batch_size",
-             "keep_checkpoints", "checkpoint_every_steps")
-_NON_NEGATIVE = ("train.num_steps", "train.inference_steps", "train.inference_lr",
-                 "train.inference_momentum", "train.inference_tolerance",
-                 "train.inference_step_guard", "train.optimizer_eps", "train.weight_decay",
-                 "train.warmup_steps", "eval_every_steps",
-                 "data.prefetch")
-
-
-def _get(config, dotted: str):
-  for part in dotted.split("."):
-    config = config[part]
-  return config
-
-
-def validate_config(config, num_devices: int, num_processes: int) -> None:
-  """Raises TrainingError with one clear message for the first bad field."""
-  for field, choices in _CHOICES.items():
-    if _get(config, field) not in choices:
-      raise TrainingError(f"config.{field} = {_get(config, field)!r} is not one of {list(choices)}.")
-  for field in _POSITIVE:
-    if not _get(config, field) > 0:
-      raise TrainingError(f"config.{field} must be positive, got {_get(config, field)!r}.")
-  for field in _NON_NEGATIVE:
-    if not _get(config, field) >= 0:
-      raise TrainingError(f"config.{field} must be non-negative, got {_get(config, field)!r}.")
-  if not callable(getattr(optax, config.train.optimizer, None)):
-    raise TrainingError(f"config.train.optimizer = {config.train.optimizer!r} is not an optax "
-                        "optimizer (e.g. adam, sgd, adamw).")
-  if config.train.optimizer_eps and optimizer_argument(config.train.optimizer, "eps") is None:
-    raise TrainingError(f"config.train.optimizer_eps: optax.{config.train.optimizer} takes no "
-                        "eps; set it to 0 or choose an optimizer that does (e.g. adam).")
-  if config.train.weight_decay and optimizer_argument(config.train.optimizer, "weight_decay") is None:
-    raise TrainingError(f"config.train.weight_decay: optax.{config.train.optimizer} takes no "
-                        "weight_decay; set it to 0 or choose an optimizer that does (e.g. adamw).")
-  for field in ("train.inference_momentum", "train.inference_tolerance"):
-    if not _get(config, field) < 1:
-      raise TrainingError(f"config.{field} must be below 1, got {_get(config, field)!r}.")
-  try:
-    kinds.check_fields(config.model)
-  except ValueError as e:
-    raise TrainingError(str(e)) from None
-  if config.train.inference_momentum and config.train.inference_optimizer == "gd":
-    raise TrainingError("config.train.inference_momentum needs train.inference_optimizer = "
-                        "'momentum' or 'nesterov'.")
-  if config.engine.kernel == "pallas" and (config.train.inference_optimizer != "gd"
-                                           or config.train.inference_tolerance
-                                           or config.train.inference_step_guard
-                                           or config.train.inference_method != "states"):
-    raise TrainingError("config.engine.kernel = 'pallas' runs plain gradient descent on the "
-                        "states for a fixed number of steps: set train.inference_optimizer = "
-                        "'gd', train.inference_tolerance = 0, train.inference_step_guard = 0 and "
-                        "train.inference_method = 'states', or use engine.kernel = 'xla'.")
-  if config.engine.kernel == "pallas" and config.engine.layout == "per_layer":
-    raise TrainingError("config.engine.kernel = 'pallas' needs engine.layout = 'stacked' or "
-                        "'auto'.")
-  # The network's own refusals, from shapes alone (no weights drawn, no data read).
-  nnx.eval_shape(lambda: build_model(config, data.SPECS[config.data.name]))
-  if config.data.augment and config.data.name != "cifar10":
-    raise TrainingError("config.data.augment is the CIFAR-10 augmentation; set it only for cifar10.")
-  for field in ("train.batch_size", "eval_batch_size"):
-    size = _get(config, field)
-    if size % num_devices or size % num_processes:
-      raise TrainingError(
-          f"config.{field} = {size} must be divisible by the number of devices ({num_devices}) "
-          f"and of processes ({num_processes}); use a multiple of {np.lcm(num_devices, num_processes)}.")
-
-
-@contextlib.contextmanager
-def _preemption_notice(checkpointer: checkpointing.Checkpointer):
-  """Yields ``preempted(step)``: whether the loop must save and stop after ``step``.
-
-  A single process sets a flag from its own handler of SIGTERM and SIGINT
-  (Ctrl-C), so both save the current step and stop cleanly; a second Ctrl-C
-  raises KeyboardInterrupt at once, without saving. ``preempted.signal``
-  names the signal that came ("SIGTERM" or "SIGINT"), else None.
-
-  In a multi-process run every process must stop at the same step: JAX's
-  preemption service caught SIGTERM in C++ when the run was joined, and makes
-  the processes agree on a step, which Orbax's ``reached_preemption`` reads.
-  A Python handler would replace that C++ one, so none is installed then
-  (and Ctrl-C interrupts such a run without saving).
-  """
-  if jax.process_count() > 1:
-    if callable(signal.getsignal(signal.SIGTERM)):
-      logging.warning("A Python SIGTERM handler (%s) replaced JAX's preemption notice: a SIGTERM "
-                      "will not stop this multi-process run at an agreed step.",
-                      signal.getsignal(signal.SIGTERM))
-    agreed = lambda step: checkpointer.reached_preemption(step)
-    agreed.signal = "SIGTERM"
-    yield agreed
-    return
-  flag = threading.Event()
-
-  def preempted(step: int) -> bool:
-    return flag.is_set()
-
-  preempted.signal = None
-  if threading.current_thread() is not threading.main_thread():
-    yield preempted
-    return
-
-  def on_signal(signum, frame):
-    if signum == signal.SIGINT and preempted.signal == "SIGINT":
-      raise KeyboardInterrupt  # the second Ctrl-C: the user will not wait for the save
-    preempted.signal = preempted.signal or signal.Signals(signum).name
-    flag.set()
-    if signum == signal.SIGINT:
-      logging.warning("Ctrl-C: saving after this step, then stopping. Press Ctrl-C again to stop "
-                      "at once, without saving.")
-
-  previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-  try:
-    yield preempted
-  finally:
-    for s, handler in previous.items():
-      signal.signal(s, handler)
+from mupc_flax import (checkpointing, data, diagnostics, metrics, optimizers, pc, preemption,
+                       sharding, steps, workdir as records)
+from mupc_flax.errors import check_writable_dir
+from mupc_flax.validation import (TrainingError, build_model, inference_of, load_splits,
+                                  validate_config)
 
 
 def _summarise(window: list[dict]) -> dict:
@@ -183,114 +41,7 @@ def _check_finite(window: list[dict], first_step: int, kept_step: int | None) ->
               else f"The last good checkpoint, step {kept_step}, is kept")
       raise TrainingError(
           f"Non-finite {' and '.join(bad)} at step {first_step + offset + 1}: training diverged. "
-          f"{kept}; lower train.learning_rate or train.inference_lr.")
-
-
-def build_model(config, spec: data.pipeline.DatasetSpec) -> pc.Network:
-  """The network ``config.model`` describes, for inputs and classes of ``spec``.
-
-  A value or shape the network cannot take (e.g. patches that do not tile
-  the images), or an engine choice that does not fit it, raises
-  TrainingError naming it.
-  """
-  def build():
-    try:
-      model = kinds.build(config.model, spec, config.seed)
-    except (ValueError, TypeError) as e:
-      raise TrainingError(f"config.model ({config.model.kind}) cannot be built for "
-                          f"{config.data.name} ({'×'.join(map(str, spec.image_shape))} images): "
-                          f"{e}") from None
-    try:
-      pc.plan(engine_of(config), model, jnp.zeros((1, spec.input_size)))
-    except ValueError as e:
-      raise TrainingError(f"config.engine does not fit config.model ({config.model.kind}): "
-                          f"{e}") from None
-    return model
-
-  return build()
-
-
-def engine_of(config) -> pc.Engine:
-  """The engine's choices ``config.engine`` describes."""
-  return pc.Engine(layout=config.engine.layout, kernel=config.engine.kernel)
-
-
-def optimizer_argument(name: str, argument: str):
-  """The default of optax.``name``'s ``argument``, or None if it takes none."""
-  parameter = inspect.signature(getattr(optax, name)).parameters.get(argument)
-  return None if parameter is None else parameter.default
-
-
-def weight_optimizer(config, num_steps: int, params=None) -> optax.GradientTransformation:
-  """The weights' optax optimizer ``config.train`` describes.
-
-  ``optimizer`` at ``learning_rate`` η: raised linearly from 0 over
-  ``warmup_steps``, then constant or decayed to 0 at ``num_steps`` (cosine);
-  ``optimizer_eps`` as its ε where that is set, ``weight_decay`` λ as its
-  (decoupled) weight decay. Under ``optimizer_scaling = "per_role"`` each
-  weight of ``params`` (``nnx.state(model, nnx.Param)``) gets η times its
-  ``lr_scale`` and ε times its ``eps_scale`` (the metadata
-  ``Parameterization.layer_options`` gives it), and λ / ``lr_scale``, so
-  that every weight decays by the same fraction η·λ per step.
-  """
-  train = config.train
-  eta = train.learning_rate
-  if train.warmup_steps >= num_steps:
-    raise TrainingError(f"config.train.warmup_steps = {train.warmup_steps} must be below the run's "
-                        f"{num_steps} steps.")
-  if train.lr_schedule == "cosine":  # from η down to 0 at the last step
-    schedule = optax.warmup_cosine_decay_schedule(0.0, eta, train.warmup_steps, num_steps)
-  elif train.warmup_steps:
-    schedule = optax.join_schedules([optax.linear_schedule(0.0, eta, train.warmup_steps),
-                                     optax.constant_schedule(eta)], [train.warmup_steps])
-  else:
-    schedule = eta
-  default_eps = optimizer_argument(train.optimizer, "eps")
-
-  def optimizer(lr_scale: float = 1.0, eps_scale: float = 1.0) -> optax.GradientTransformation:
-    kwargs = {}
-    if default_eps is not None and (train.optimizer_eps or eps_scale != 1.0):
-      kwargs["eps"] = (train.optimizer_eps or default_eps) * eps_scale
-    if train.weight_decay:
-      kwargs["weight_decay"] = train.weight_decay / lr_scale
-    lr = (lambda step: lr_scale * schedule(step)) if callable(schedule) else lr_scale * schedule
-    return getattr(optax, train.optimizer)(lr, **kwargs)
-
-  if train.optimizer_scaling == "none":
-    return optimizer()
-  if params is None:
-    raise ValueError("weight_optimizer needs the weights (params) for optimizer_scaling = "
-                     "'per_role'.")
-
-  def scale_of(variable) -> tuple[float, float]:
-    metadata = variable.get_metadata()
-    if "lr_scale" not in metadata:
-      raise TrainingError("config.train.optimizer_scaling = 'per_role' needs every weight's "
-                          "optimizer scale: build the network's layers with "
-                          "Parameterization.layer_options (or nnx.Param metadata lr_scale, "
-                          "eps_scale), or set optimizer_scaling = 'none'.")
-    return metadata["lr_scale"], metadata["eps_scale"]
-
-  is_variable = lambda x: isinstance(x, nnx.Variable)
-  scales = {scale_of(v) for v in jax.tree.leaves(params, is_leaf=is_variable)}
-  label = {scale: f"lr×{scale[0]:.6g},eps×{scale[1]:.6g}" for scale in sorted(scales)}
-  labels = jax.tree.map(lambda v: label[scale_of(v)], params, is_leaf=is_variable)
-  return optax.multi_transform({label[scale]: optimizer(*scale) for scale in label}, labels)
-
-
-def inference_of(config, model: pc.Network) -> pc.Inference:
-  """The inference ``config.train`` describes, for ``model``'s depth."""
-  train = config.train
-  method = train.inference_method
-  return pc.Inference(steps=train.inference_steps or train.steps_per_layer * pc.hidden_layers(model),
-                      lr=train.inference_lr,
-                      # The errors have no wavefront: every layer moves at every step.
-                      schedule=train.schedule if method == "states" else "plain",
-                      phases=train.phases, optimizer=train.inference_optimizer,
-                      momentum=train.inference_momentum, tolerance=train.inference_tolerance,
-                      engine=engine_of(config), method=method,
-                      step_guard=train.inference_step_guard,
-                      output_precision=train.output_precision)
+          f"{kept}; lower train.learning_rate or inference.lr.")
 
 
 def evaluate(eval_step, model_state, split: data.Split, mesh, batch_size: int) -> dict:
@@ -321,7 +72,7 @@ def _layer_diagnostics(config, model: pc.Network, model_state, initial_params,
     rows = np.arange(min(config.train.batch_size, len(split)))
     batch = data.pipeline.preprocess(*split.read(rows), split.spec)
     agreement = diagnostics.pc_bp_agreement(network, batch["x"], batch["y"],
-                                            inference_of(config, model), loss=config.train.loss)
+                                            inference_of(config), loss=config.train.loss)
     out |= {"pc_bp_cosines": agreement["layer_cosines"], "reach": agreement["reach"]}
   if config.log_hessian:
     example = data.pipeline.preprocess(*split.read(np.array([0])), split.spec)
@@ -330,93 +81,6 @@ def _layer_diagnostics(config, model: pc.Network, model_state, initial_params,
     out |= {"hessian_condition": spectrum["condition"], "hessian_min": spectrum["min"],
             "hessian_max": spectrum["max"]}
   return out
-
-
-def load_splits(config) -> tuple[data.Split, data.Split]:
-  """The (train, test) splits of ``config.data``, prepared on first use
-  (atomically, so concurrent processes are safe)."""
-  data_dir = config.data.data_dir or data.default_data_dir()
-  data.prepare(config.data.name, data_dir, manual_dir=config.data.manual_dir or None,
-               url=config.data.download_url or None)
-  return tuple(data.Split(config.data.name, split, data_dir, in_memory=config.data.in_memory)
-               for split in ("train", "test"))
-
-
-@contextlib.contextmanager
-def _exclusive(workdir: pathlib.Path):
-  """Holds a lock on ``workdir`` for the run (process 0 takes it for all), so
-  that a second run started on the same workdir stops at once instead of
-  interleaving its checkpoints and metrics with this one's."""
-  with open(workdir / ".lock", "w") as lock:
-    try:
-      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      raise TrainingError(f"Another run is using the workdir {workdir}; wait for it to end, or "
-                          "use another --workdir.") from None
-    except OSError as e:  # some network filesystems have no locks
-      logging.warning("Cannot lock the workdir %s (%s); make sure no other run uses it.",
-                      workdir, e.strerror)
-    yield
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-  """A nested dict as {"a.b": leaf}."""
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out |= _flatten(value, f"{prefix}{key}.")
-    else:
-      out[prefix + key] = value
-  return out
-
-
-def _config_records(workdir: pathlib.Path) -> dict[int, pathlib.Path]:
-  """The config records of a workdir by the step they start at: config.json
-  (step 0) and the config.<step>.json of resumes that changed the config."""
-  records = {0: workdir / "config.json"} if (workdir / "config.json").exists() else {}
-  for path in workdir.glob("config.*.json"):
-    if path.name.split(".")[1].isdigit():
-      records[int(path.name.split(".")[1])] = path
-  return records
-
-
-def _record_config(config, workdir: pathlib.Path, start_step: int) -> None:
-  """Writes this run's config, keeping the record of how each checkpoint was trained.
-
-  A fresh run writes ``config.json``. A resumed run compares its config with
-  the newest record up to ``start_step``; if they differ, it logs each changed
-  field and writes its own as ``config.<start_step>.json`` beside the records
-  it keeps (``config.json`` stays the first run's).
-  """
-  text = config.to_json_best_effort(indent=2)
-  records = {step: path for step, path in _config_records(workdir).items() if step <= start_step}
-  if start_step == 0 or not records:
-    (workdir / "config.json").write_text(text)
-    return
-  previous_path = records[max(records)]
-  try:
-    previous = _flatten(json.loads(previous_path.read_text()))
-  except (OSError, ValueError) as e:
-    previous = {}
-    logging.warning("Cannot read %s (%s); not comparing the config with it.", previous_path, e)
-  current = _flatten(json.loads(text))
-  changed = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
-  if not changed:
-    return
-  target = workdir / f"config.{start_step}.json"
-  target.write_text(text)
-  logging.warning(
-      "The config differs from %s, which trained the checkpoints up to step %d: %s. %s is kept; "
-      "this run's config, from step %d on, is in %s.", previous_path.name, start_step,
-      "; ".join(f"{k}: {previous.get(k, '(none)')!r} → {current.get(k, '(none)')!r}" for k in changed),
-      previous_path.name, start_step, target.name)
-
-
-def _is_empty_run(workdir: pathlib.Path) -> bool:
-  """Whether a workdir holds neither a checkpoint nor a logged metric."""
-  log = workdir / "metrics.jsonl"
-  return (checkpointing.newest_complete_step(checkpointing.directory(workdir)) is None
-          and not (log.exists() and log.stat().st_size))
 
 
 def train_and_evaluate(config, workdir: str | os.PathLike,
@@ -450,7 +114,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike,
   try:
     return _train(config, workdir, mesh, model, splits)
   except BaseException:
-    if created and _is_empty_run(workdir):
+    if created and records.is_empty_run(workdir):
       shutil.rmtree(workdir, ignore_errors=True)  # nothing to resume or read: leave no trace
     raise
 
@@ -464,7 +128,7 @@ def _train(config, workdir: pathlib.Path, mesh, model: pc.Network, splits) -> di
   model_state = sharding.replicate(nnx.state(model), mesh)
   with contextlib.ExitStack() as stack:
     if is_main:
-      stack.enter_context(_exclusive(workdir))
+      stack.enter_context(records.exclusive(workdir))
     # Leaving this waits for the last save and raises if it failed: no success after a failed save.
     checkpointer = stack.enter_context(
         checkpointing.Checkpointer(checkpointing.directory(workdir), keep=config.keep_checkpoints))
@@ -491,9 +155,9 @@ def _train(config, workdir: pathlib.Path, mesh, model: pc.Network, splits) -> di
         process_count=jax.process_count(), prefetch=config.data.prefetch))
 
     # Optimizer and compiled steps.
-    optimizer = nnx.Optimizer(model, weight_optimizer(config, num_steps, nnx.state(model, nnx.Param)),
+    optimizer = nnx.Optimizer(model, optimizers.weight_optimizer(config, num_steps, nnx.state(model, nnx.Param)),
                               wrt=nnx.Param)
-    inference = inference_of(config, model)
+    inference = inference_of(config)
     train_step = steps.make_train_step(model, optimizer, mesh, algorithm=config.train.algorithm,
                                        inference=inference, loss=config.train.loss)
     eval_step = steps.make_eval_step(model, mesh, loss=config.train.loss)
@@ -512,10 +176,10 @@ def _train(config, workdir: pathlib.Path, mesh, model: pc.Network, splits) -> di
       # Records after the checkpoint (of a run killed after it) go: the log reads as one run.
       metrics.truncate_after(workdir / "metrics.jsonl", start_step)
       metrics.truncate_events_after(workdir / "tensorboard", start_step)
-      _record_config(config, workdir, start_step)
+      records.record_config(config, workdir, start_step)
     writer = stack.enter_context(metrics.MetricWriter(workdir, enabled=is_main, num_steps=num_steps,
                                                       purge_step=start_step + 1 if start_step else None))
-    preempted_after = stack.enter_context(_preemption_notice(checkpointer))
+    preempted_after = stack.enter_context(preemption.notice(checkpointer))
 
     pending: list = []  # device metrics of steps not yet checked
     window: list = []  # host metrics since the last log

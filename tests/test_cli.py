@@ -169,7 +169,7 @@ def _unreadable_checkpoints(s: Setup) -> list[str]:
 
 
 def _diverging(s: Setup) -> list[str]:
-  return s.main("--config.train.learning_rate=1e4", "--config.train.inference_lr=1e4")
+  return s.main("--config.train.learning_rate=1e4", "--config.inference.lr=1e4")
 
 
 def _no_data_yet(s: Setup) -> None:

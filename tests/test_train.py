@@ -1,6 +1,5 @@
 """The training program end to end: main, configs, checkpoints, resume, faults."""
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -18,7 +17,8 @@ import pytest
 from flax import nnx
 from tensorboardX.proto import event_pb2
 
-from mupc_flax import data, metrics, train
+from mupc_flax import configuration, data, metrics, optimizers, preemption, train, validation, variants
+from mupc_flax.errors import UserError
 from mupc_flax.networks import kinds
 from programs import (REPO, RESUMABLE, checkpoint_steps, command, environment, load_checkpoint,
                       run)
@@ -43,14 +43,7 @@ def tensorboard_scalars(workdir):
 
 
 def load_config(path, arg=None):
-  sys.path.insert(0, str(REPO))
-  try:
-    spec = importlib.util.spec_from_file_location("config_under_test", REPO / path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
-  finally:
-    sys.path.remove(str(REPO))
+  return configuration.load(str(REPO / path) + (f":{arg}" if arg else ""))
 
 
 @pytest.mark.parametrize("path,arg,expected", [
@@ -59,38 +52,41 @@ def load_config(path, arg=None):
     ("configs/mnist_depth.py", "hidden_layers=32,width=256", {"model.hidden_layers": 32, "model.width": 256}),
     ("configs/mnist_depth.py", "hidden_layers=64,bp", {"train.algorithm": "bp", "train.learning_rate": 1e-2}),
     ("configs/mnist_depth.py", "activation=linear,bp", {"train.learning_rate": 1e-3}),
-    ("configs/mnist_depth.py", "activation=tanh", {"train.inference_lr": 1.0}),
-    ("configs/mnist_depth.py", "activation=tanh,inference_lr=0.25", {"train.inference_lr": 0.25}),
-    ("configs/mnist_depth.py", "sp", {"model.parameterization": "sp", "train.inference_lr": 1e-2}),
+    ("configs/mnist_depth.py", "activation=tanh", {"inference.lr": 1.0}),
+    ("configs/mnist_depth.py", "activation=tanh,lr=0.25", {"inference.lr": 0.25}),
+    ("configs/mnist_depth.py", "sp", {"model.parameterization": "sp", "inference.lr": 1e-2}),
     ("configs/mnist_128.py", None, {"model.hidden_layers": 128, "train.num_epochs": 5}),
     ("configs/mnist_128.py", "bp", {"train.learning_rate": 5e-3}),
     ("configs/fashion_mnist_128.py", None, {"data.name": "fashion_mnist", "train.num_epochs": 15,
                                            "train.learning_rate": 0.05}),
     ("configs/cifar10_128.py", None, {"data.name": "cifar10", "train.loss": "ce", "train.batch_size": 128,
-                                     "train.inference_lr": 0.01, "data.augment": True}),
+                                     "inference.lr": 0.01, "data.augment": True}),
     ("configs/mnist_conv.py", None, {"model.kind": "conv", "model.residual_layers": 6,
-                                     "train.learning_rate": 0.1, "train.inference_lr": 0.5}),
+                                     "train.learning_rate": 0.1, "inference.lr": 0.5}),
     ("configs/mnist_conv.py", "residual_layers=2,sp", {"model.residual_layers": 2,
                                                        "model.parameterization": "sp"}),
     ("configs/mnist_conv.py", "smoke,bp", {"model.width": 8, "train.algorithm": "bp"}),
     ("configs/cifar10_conv.py", None, {"model.kind": "conv", "data.name": "cifar10", "train.loss": "ce",
-                                       "data.augment": True, "train.inference_lr": 0.01}),
-    ("configs/mnist_depth.py", "deep", {"train.inference_optimizer": "momentum",
-                                        "train.inference_momentum": 0.9, "train.steps_per_layer": 2,
-                                        "train.inference_lr": 16.0, "train.learning_rate": 1e-2,
+                                       "data.augment": True, "inference.lr": 0.01}),
+    ("configs/mnist_depth.py", "deep", {"inference.optimizer": "momentum",
+                                        "inference.momentum": 0.9, "inference.steps_per_layer": 2,
+                                        "inference.lr": 16.0, "train.learning_rate": 1e-2,
                                         "train.lr_schedule": "cosine"}),
     # Overrides win over variants wherever they stand; variants see them.
     ("configs/mnist_depth.py", "learning_rate=0.003,batch_size=128,deep",
-     {"train.learning_rate": 0.003, "train.inference_lr": 32.0}),
-    ("configs/cifar10_conv.py", "deep", {"train.inference_lr": 32.0, "train.steps_per_layer": 2}),
+     {"train.learning_rate": 0.003, "inference.lr": 32.0}),
+    ("configs/cifar10_conv.py", "deep", {"inference.lr": 32.0, "inference.steps_per_layer": 2}),
     ("configs/mnist_conv.py", "deep", {"train.learning_rate": 0.03, "train.lr_schedule": "cosine"}),
     ("configs/mnist_conv.py", "deep,learning_rate=0.01", {"train.learning_rate": 0.01}),
     ("configs/mnist_128.py", "deep", {"train.learning_rate": 5e-3, "model.hidden_layers": 128}),
-    ("configs/mnist_depth.py", "epc", {"train.inference_method": "errors", "train.inference_steps": 1,
-                                       "train.inference_lr": 0.64, "train.optimizer_eps": 1e-12,
+    ("configs/mnist_depth.py", "epc", {"inference.method": "errors", "inference.steps": 1,
+                                       "inference.lr": 0.64, "train.optimizer_eps": 1e-12,
                                        "train.lr_schedule": "cosine"}),
     # ε only where the optimizer has one; an override wins over the variant's.
-    ("configs/mnist_depth.py", "optimizer=sgd,epc", {"train.optimizer_eps": 0.0}),
+    ("configs/mnist_depth.py", "train.optimizer=sgd,epc", {"train.optimizer_eps": 0.0}),
+    ("configs/mnist_depth.py", "inference.optimizer=nesterov,momentum=0.5", {"inference.optimizer": "nesterov", "inference.momentum": 0.5}),
+    ("configs/mnist_depth.py", "steps=3,step_guard=2", {"inference.steps": 3, "inference.step_guard": 2}),
+    ("configs/default.py", "closed_form=false,gradient_layout=per_layer", {"engine.closed_form": False, "engine.gradient_layout": "per_layer"}),
     ("configs/mnist_depth.py", "epc,optimizer_eps=0", {"train.optimizer_eps": 0.0}),
     ("configs/mnist_transformer.py", None, {"model.kind": "transformer", "model.width": 64,
                                             "model.blocks": 4, "model.patch_size": 7,
@@ -104,24 +100,24 @@ def load_config(path, arg=None):
                                                   "train.weight_decay": 0.01,
                                                   "train.warmup_steps": 100,
                                                   "train.learning_rate": 0.03}),
-    ("configs/mnist_transformer.py", "adamw,epc", {"train.inference_method": "errors",
+    ("configs/mnist_transformer.py", "adamw,epc", {"inference.method": "errors",
                                                    "train.learning_rate": 0.03,
                                                    "train.optimizer_eps": 1e-12}),
     ("configs/mnist_transformer.py", "batch_size=128,limits",
      {"model.pc_layer": "block", "model.layer_norm": False, "model.depth_exponent": 1.0,
       "train.optimizer_scaling": "per_role", "train.learning_rate": 0.1, "train.loss": "ce",
-      "train.inference_lr": 57.6, "train.steps_per_layer": 1}),
+      "inference.lr": 57.6, "inference.steps_per_layer": 1}),
     ("configs/mnist_transformer.py", "limits,epc,learning_rate=0.3",
-     {"train.inference_method": "errors", "train.inference_lr": 0.64, "train.learning_rate": 0.3,
+     {"inference.method": "errors", "inference.lr": 0.64, "train.learning_rate": 0.3,
       "model.pc_layer": "block"}),
     ("configs/cifar10_transformer.py", None, {"model.kind": "transformer", "model.patch_size": 4,
                                               "data.name": "cifar10", "train.loss": "ce"}),
 ])
 def test_configs_hold_the_paper_settings(path, arg, expected):
   config = load_config(path, arg)
-  train.validate_config(config, num_devices=1, num_processes=1)
+  validation.validate_config(config, num_devices=1, num_processes=1)
   for field, value in expected.items():
-    assert train._get(config, field) == value, field
+    assert validation.field(config, field) == value, field
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -139,15 +135,19 @@ def test_configs_hold_the_paper_settings(path, arg, expected):
     ("train.warmup_steps", -1, "config.train.warmup_steps must be non-negative"),
     ("train.batch_size", 60, "divisible by the number of devices \\(8\\)"),
     ("model.precision", "fp16", "precision must be one of"),
-    ("engine.kernel", "triton", "config.engine.kernel = 'triton' is not one of"),
-    ("engine.layout", "batched", "config.engine.layout = 'batched' is not one of"),
-    ("engine.kernel,engine.layout", ("pallas", "per_layer"), "needs engine.layout = 'stacked'"),
-    ("train.inference_optimizer", "adagrad", "config.train.inference_optimizer = 'adagrad' is not one of"),
-    ("train.inference_momentum", 1.0, "config.train.inference_momentum must be below 1"),
-    ("train.inference_tolerance", -0.1, "config.train.inference_tolerance must be non-negative"),
-    ("train.inference_momentum", 0.9, "needs train.inference_optimizer = 'momentum' or 'nesterov'"),
-    ("train.inference_optimizer,engine.kernel", ("momentum", "pallas"),
-     "runs plain gradient descent"),
+    # The engine's and inference's own checks, named by their field.
+    ("engine.kernel", "triton", "config.engine.kernel: Engine kernel must be one of"),
+    ("engine.layout", "batched", "config.engine.layout: Engine layout must be one of"),
+    ("engine.kernel,engine.layout", ("pallas", "per_layer"), "config.engine.layout: .*stacked layout"),
+    ("inference.optimizer", "adagrad", "config.inference.optimizer: Unknown inference optimizer 'adagrad'"),
+    ("inference.momentum", 1.0, "config.inference.momentum: Inference momentum must be in"),
+    ("inference.tolerance", -0.1, "config.inference.tolerance: Inference tolerance must be in"),
+    ("inference.momentum", 0.9, "config.inference.momentum: .*needs optimizer='momentum' or 'nesterov'"),
+    ("inference.optimizer,engine.kernel", ("momentum", "pallas"),
+     "config.inference.optimizer: .*runs plain gradient descent"),
+    ("inference.steps_per_layer", 0, "config.inference.steps_per_layer: .*positive integer"),
+    ("inference.method,inference.schedule", ("errors", "wavefront"),
+     "config.inference.schedule: .*no wavefront"),
     ("model.depth_exponent", 1.5, "depth_exponent must be in \\[0, 1\\]"),
     # A field the chosen kind does not take is an error naming it.
     ("model.blocks", 4, "config.model.blocks is not a field of the dense network"),
@@ -157,11 +157,12 @@ def test_configs_hold_the_paper_settings(path, arg, expected):
 def test_config_errors_are_clear(field, value, message):
   config = load_config("configs/default.py")
   fields, values = field.split(","), value if "," in field else (value,)
-  for field, value in zip(fields, values):
-    section, name = field.split(".")
-    config[section][name] = value
-  with pytest.raises(train.TrainingError, match=message):
-    train.validate_config(config, num_devices=8, num_processes=1)
+  with config.unlocked():  # a config file may set any field; the program checks them
+    for field, value in zip(fields, values):
+      section, name = field.split(".")
+      config[section][name] = value
+  with pytest.raises(UserError, match=message):
+    validation.validate_config(config, num_devices=8, num_processes=1)
 
 
 @pytest.mark.parametrize("eps", [0.0, 1e-12])
@@ -170,7 +171,7 @@ def test_weight_optimizer_takes_the_configured_eps(eps):
   gradient of 1e-8, the default ε = 1e-8 halves it, ε = 1e-12 does not."""
   config = load_config("configs/default.py", "lr_schedule=cosine")
   config.train.optimizer_eps = eps
-  tx = train.weight_optimizer(config, num_steps=10)
+  tx = optimizers.weight_optimizer(config, num_steps=10)
   g = np.full((3,), 1e-8, np.float32)
   updates, _ = tx.update(g, tx.init(np.zeros(3, np.float32)))
   expected = -config.train.learning_rate * g / (np.abs(g) + (eps or 1e-8))
@@ -184,10 +185,10 @@ def test_weight_optimizer_takes_the_configured_eps(eps):
 ])
 def test_a_kind_override_brings_the_kinds_own_fields(arg, expected):
   config = load_config("configs/default.py", arg)
-  train.validate_config(config, num_devices=8, num_processes=1)
+  validation.validate_config(config, num_devices=8, num_processes=1)
   assert "hidden_layers" not in config.model
   for field, value in expected.items():
-    assert train._get(config, field) == value, field
+    assert validation.field(config, field) == value, field
 
 
 def test_a_plain_factory_is_a_kind_whose_fields_are_its_keyword_arguments(monkeypatch):
@@ -212,8 +213,8 @@ def test_a_plain_factory_is_a_kind_whose_fields_are_its_keyword_arguments(monkey
 def test_the_networks_own_refusals_come_before_any_compute(arg, engine_kernel, message):
   config = load_config("configs/default.py", arg)
   config.engine.kernel = engine_kernel
-  with pytest.raises(train.TrainingError, match=message):
-    train.validate_config(config, num_devices=8, num_processes=1)
+  with pytest.raises(validation.TrainingError, match=message):
+    validation.validate_config(config, num_devices=8, num_processes=1)
 
 
 # --- End to end -------------------------------------------------------------------
@@ -329,7 +330,7 @@ def test_sigterm_and_ctrl_c_save_the_current_step_and_exit_cleanly(tmp_path, mni
 def test_a_second_ctrl_c_stops_at_once_without_saving():
   """The first Ctrl-C asks the loop to save and stop; the second raises
   KeyboardInterrupt at once (the program's one line, status 130)."""
-  with train._preemption_notice(checkpointer=None) as preempted:
+  with preemption.notice(checkpointer=None) as preempted:
     assert not preempted(1)
     os.kill(os.getpid(), signal.SIGINT)
     assert preempted(2) and preempted.signal == "SIGINT"
@@ -443,7 +444,7 @@ def test_non_finite_energy_stops_and_keeps_the_last_good_checkpoint(tmp_path, mn
   workdir = pathlib.Path(shutil.copytree(smoke_run_30_steps, tmp_path / "run"))  # 30 steps done
   before = load_checkpoint(workdir, 30)
   diverging = run(workdir, mnist_data_dir, "--config.train.num_steps=60",
-                  "--config.train.inference_lr=1e9")
+                  "--config.inference.lr=1e9")
   assert diverging.returncode == 1
   last_line = diverging.stderr.strip().splitlines()[-1]
   assert last_line.startswith("error: Non-finite energy at step 31"), last_line
@@ -514,10 +515,10 @@ def test_per_role_optimizer_steps_by_the_rule(network, alpha, optimizer, weight_
   config.model = kinds.model_config(fields.pop("kind"), depth_exponent=alpha, **fields)
   config.train.update(optimizer=optimizer, weight_decay=weight_decay, learning_rate=0.01,
                       optimizer_scaling="per_role")
-  train.validate_config(config, num_devices=1, num_processes=1)
+  validation.validate_config(config, num_devices=1, num_processes=1)
   model = kinds.build(config.model, data.pipeline.SPECS["mnist"], 0)
   params = nnx.state(model, nnx.Param)
-  tx = train.weight_optimizer(config, num_steps=10, params=params)
+  tx = optimizers.weight_optimizer(config, num_steps=10, params=params)
   # The forms nnx.Optimizer hands the optimizer: the Param state, then pure arrays.
   pure = nnx.as_pure(params)
   rng = np.random.default_rng(0)
@@ -544,7 +545,7 @@ def test_warmup_then_the_schedule(lr_schedule):
   cosine from η at w to 0 at the run's end."""
   config = load_config("configs/default.py")
   config.train.update(optimizer="sgd", learning_rate=0.5, warmup_steps=4, lr_schedule=lr_schedule)
-  tx = train.weight_optimizer(config, num_steps=10)
+  tx = optimizers.weight_optimizer(config, num_steps=10)
   state, g = tx.init(np.zeros(1, np.float32)), np.ones(1, np.float32)
   for t in range(10):
     update, state = tx.update(g, state)
@@ -552,8 +553,8 @@ def test_warmup_then_the_schedule(lr_schedule):
         0.5 if lr_schedule == "constant" else 0.25 * (1 + np.cos(np.pi * (t - 4) / 6)))
     np.testing.assert_allclose(float(update[0]), -want, rtol=1e-6, atol=1e-7, err_msg=str(t))
   config.train.warmup_steps = 10
-  with pytest.raises(train.TrainingError, match="warmup_steps = 10 must be below the run's 10 steps"):
-    train.weight_optimizer(config, num_steps=10)
+  with pytest.raises(validation.TrainingError, match="warmup_steps = 10 must be below the run's 10 steps"):
+    optimizers.weight_optimizer(config, num_steps=10)
 
 
 def test_per_role_scaling_needs_each_weights_scale():
@@ -562,6 +563,6 @@ def test_per_role_scaling_needs_each_weights_scale():
       self.kernel = nnx.Param(np.ones((2, 2), np.float32))
 
   config = load_config("configs/default.py", "optimizer_scaling=per_role")
-  with pytest.raises(train.TrainingError, match="build the network's layers with "
+  with pytest.raises(validation.TrainingError, match="build the network's layers with "
                                                 "Parameterization.layer_options"):
-    train.weight_optimizer(config, 10, nnx.state(Plain(), nnx.Param))
+    optimizers.weight_optimizer(config, 10, nnx.state(Plain(), nnx.Param))

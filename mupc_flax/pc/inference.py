@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mupc_flax.errors import FieldError
 from mupc_flax.pc import forward, layouts, pallas_step
 from mupc_flax.pc.energy import (Loss, Network, count_correct, energy_gradients, energy_terms,
                                  loss_of)
@@ -46,7 +47,9 @@ class Inference:
 
   Attributes:
     steps: T, the number of steps on the free variables (the activities, or
-      the errors; the paper: T = H); with a ``tolerance``, the most steps taken.
+      the errors); with a ``tolerance``, the most steps taken. None:
+      ``steps_per_layer`` × H on a network of H hidden layers (the paper's
+      T = H at 1), resolved once per network (``resolved``).
     method: "states" (PC, the paper: the free variables are the activities
       z) or "errors" (error-parameterised PC, Goemaere et al. 2025: the free
       variables are the errors ε, the activities follow from them by the
@@ -89,10 +92,13 @@ class Inference:
       the equilibrium's gradient to BP's (weak nudging).
     engine: how the engine computes (layouts, unrolling, closed forms,
       kernels; ``pc.Engine``): the same result at any setting.
+    steps_per_layer: T per hidden layer where ``steps`` is None.
+
+  A value it cannot take raises ``FieldError`` naming the field.
   """
 
-  steps: int
-  lr: float | None
+  steps: int | None = None
+  lr: float | None = 0.5
   schedule: Schedule | None = None
   phases: int = 8
   optimizer: Optimizer | optax.GradientTransformation = "gd"
@@ -102,51 +108,61 @@ class Inference:
   method: Method = "states"
   step_guard: int = 0
   output_precision: float = 1.0
+  steps_per_layer: int = 1
+
+  def resolved(self, hidden_layers: int) -> "Inference":
+    """This inference with T set: ``steps``, or ``steps_per_layer`` × H."""
+    if self.steps is not None:
+      return self
+    return dataclasses.replace(self, steps=self.steps_per_layer * hidden_layers)
 
   def __post_init__(self):
-    if not isinstance(self.steps, int) or self.steps < 0:
-      raise ValueError(f"Inference steps must be a non-negative integer, got {self.steps!r}.")
+    if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 0):
+      raise FieldError("steps", f"Inference steps must be a non-negative integer, got {self.steps!r}.")
     if self.method not in get_args(Method):
-      raise ValueError(f"Unknown inference method {self.method!r}; choose 'states' or 'errors'.")
+      raise FieldError("method", f"Unknown inference method {self.method!r}; choose 'states' or 'errors'.")
     if self.schedule is not None and self.schedule not in get_args(Schedule):
-      raise ValueError(f"Unknown inference schedule {self.schedule!r}; choose 'plain' or 'wavefront'.")
+      raise FieldError("schedule", f"Unknown inference schedule {self.schedule!r}; choose 'plain' or 'wavefront'.")
+    if not isinstance(self.steps_per_layer, int) or self.steps_per_layer < 1:
+      raise FieldError("steps_per_layer", f"Inference steps_per_layer must be a positive "
+                       f"integer, got {self.steps_per_layer!r}.")
     if not isinstance(self.phases, int) or self.phases < 1:
-      raise ValueError(f"Inference phases must be a positive integer, got {self.phases!r}.")
+      raise FieldError("phases", f"Inference phases must be a positive integer, got {self.phases!r}.")
     if isinstance(self.optimizer, optax.GradientTransformation):
       if self.lr is not None:
-        raise ValueError("An optax inference optimizer holds its own learning rate: pass lr=None.")
+        raise FieldError("lr", "An optax inference optimizer holds its own learning rate: pass lr=None.")
     elif self.optimizer not in get_args(Optimizer):
-      raise ValueError(f"Unknown inference optimizer {self.optimizer!r}; choose one of "
+      raise FieldError("optimizer", f"Unknown inference optimizer {self.optimizer!r}; choose one of "
                        f"{list(get_args(Optimizer))} or pass an optax.GradientTransformation.")
     elif self.lr is None or not self.lr >= 0:
-      raise ValueError(f"The inference optimizer {self.optimizer!r} needs a learning rate lr >= 0, "
+      raise FieldError("lr", f"The inference optimizer {self.optimizer!r} needs a learning rate lr >= 0, "
                        f"got {self.lr!r}.")
     if not 0 <= self.momentum < 1:
-      raise ValueError(f"Inference momentum must be in [0, 1), got {self.momentum!r}.")
+      raise FieldError("momentum", f"Inference momentum must be in [0, 1), got {self.momentum!r}.")
     if self.momentum and self.optimizer == "gd":
-      raise ValueError("Inference momentum needs optimizer='momentum' or 'nesterov'.")
+      raise FieldError("momentum", "Inference momentum needs optimizer='momentum' or 'nesterov'.")
     if not 0 <= self.tolerance < 1:
-      raise ValueError(f"Inference tolerance must be in [0, 1) (0: fixed steps), got "
+      raise FieldError("tolerance", f"Inference tolerance must be in [0, 1) (0: fixed steps), got "
                        f"{self.tolerance!r}.")
     if not isinstance(self.engine, Engine):
-      raise ValueError(f"Inference engine must be a pc.Engine, got {self.engine!r}.")
+      raise FieldError("engine", f"Inference engine must be a pc.Engine, got {self.engine!r}.")
     if self.engine.kernel == "pallas" and (self.optimizer != "gd" or self.tolerance
                                            or self.method != "states"):
-      raise ValueError("The Pallas inference kernel runs plain gradient descent on the states for "
+      raise FieldError("optimizer", "The Pallas inference kernel runs plain gradient descent on the states for "
                        "a fixed number of steps: use optimizer='gd', tolerance=0 and method="
                        "'states', or the kernel 'xla'.")
     if self.method == "errors" and self.schedule == "wavefront":  # set by the caller
-      raise ValueError("The errors method updates every layer at every step (it has no "
+      raise FieldError("schedule", "The errors method updates every layer at every step (it has no "
                        "wavefront): use schedule='plain' or leave it unset.")
     if not isinstance(self.step_guard, int) or self.step_guard < 0:
-      raise ValueError(f"Inference step_guard (power iterations) must be a non-negative integer, "
+      raise FieldError("step_guard", f"Inference step_guard (power iterations) must be a non-negative integer, "
                        f"got {self.step_guard!r}.")
     if self.step_guard and (isinstance(self.optimizer, optax.GradientTransformation)
                             or self.engine.kernel == "pallas"):
-      raise ValueError("The step guard caps the step of the named optimisers (gd, momentum, "
+      raise FieldError("step_guard", "The step guard caps the step of the named optimisers (gd, momentum, "
                        "nesterov) on the XLA kernel: use one of them, or step_guard=0.")
     if not (isinstance(self.output_precision, (int, float)) and self.output_precision > 0):
-      raise ValueError(f"Inference output_precision (γ) must be a number above 0, got "
+      raise FieldError("output_precision", f"Inference output_precision (γ) must be a number above 0, got "
                        f"{self.output_precision!r}.")
 
   def transformation(self, lr: float | jax.Array | None = None) -> optax.GradientTransformation:
@@ -616,6 +632,7 @@ def infer(model: Network, x: jax.Array, y: jax.Array, inference: Inference, *,
   Returns:
     The activities after inference, as z ([H, B, N] for the dense network).
   """
+  inference = inference.resolved(forward.hidden_layers(model))
   plan_ = plan(inference.engine, model, x, inference.method)
   batch_size = batch_size or x.shape[0]
   energy_loss = loss_of(loss).weighted(inference.output_precision)
@@ -684,6 +701,7 @@ def pc_inference(model: Network, x: jax.Array, y: jax.Array, inference: Inferenc
   the first four are local parts, to be summed over devices; the
   ``inference_*`` ones are the same on every device.
   """
+  inference = inference.resolved(forward.hidden_layers(model))
   batch_size = batch_size or x.shape[0]
   plan_ = plan(inference.engine, model, x, inference.method)
   energy_loss = loss_of(loss).weighted(inference.output_precision)

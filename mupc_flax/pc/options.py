@@ -12,6 +12,7 @@ from typing import Literal, NamedTuple, get_args
 import jax
 import jax.numpy as jnp
 
+from mupc_flax.errors import FieldError
 from mupc_flax.pc import forward, pallas_step
 
 Layout = Literal["auto", "stacked", "per_layer"]
@@ -63,12 +64,12 @@ class Engine:
   def __post_init__(self):
     for name in ("layout", "gradient_layout"):
       if getattr(self, name) not in get_args(Layout):
-        raise ValueError(f"Engine {name} must be one of {list(get_args(Layout))}, got "
+        raise FieldError(name, f"Engine {name} must be one of {list(get_args(Layout))}, got "
                          f"{getattr(self, name)!r}.")
     if self.kernel not in get_args(Kernel):
-      raise ValueError(f"Engine kernel must be one of {list(get_args(Kernel))}, got {self.kernel!r}.")
+      raise FieldError("kernel", f"Engine kernel must be one of {list(get_args(Kernel))}, got {self.kernel!r}.")
     if self.kernel == "pallas" and self.layout == "per_layer":
-      raise ValueError("The Pallas kernel needs the stacked layout: use layout='stacked' or 'auto'.")
+      raise FieldError("layout", "The Pallas kernel needs the stacked layout: use layout='stacked' or 'auto'.")
 
 
 class Plan(NamedTuple):
