@@ -9,13 +9,19 @@ are not meant to be run as written go in ```text or ```console blocks.
 
 - ``python -m mupc_flax.main --config=SPEC --workdir=W [--config.a.b=v …]``
   loads ``mupc_flax.configuration.load(SPEC + ",smoke" (":smoke" where SPEC
-  has no ':'), ["a.b=v", …, "train.num_steps=2", "eval_every_steps=0"])`` and
-  runs ``mupc_flax.train.train_and_evaluate`` in this process on the real
-  MNIST (``mnist_data_dir``), once per distinct config. A config on a dataset
-  that is not available offline (cifar10, fashion_mnist) is only loaded and
-  validated. ``--print_config`` only loads.
-- ``mupc_flax.sweep`` runs in a subprocess with the first value of each of
-  its lists, one worker, the smoke variant and 2 steps per point.
+  has no ':'), ["a.b=v", …, "train.num_steps=2"])``, sets
+  ``eval_every_steps = 0`` (evaluate once, at the end; a warm-up is cut to
+  1 step) and validates it as the program does, before any compute. The first
+  command of each network kind (dense, conv, transformer, the mixer) on an
+  offline dataset (MNIST, ``mnist_data_dir``) then trains in this process
+  (``mupc_flax.train.train_and_evaluate``); the others are only validated:
+  training each would cost about 20 s of compiling here, over ten times
+  the budget. Configs on datasets not available offline (cifar10,
+  fashion_mnist) are only validated. ``--print_config`` only loads. A later
+  command's workdir stands for its kind's trained run.
+- ``mupc_flax.sweep``: the first one runs in a subprocess with the first
+  value of each of its lists, one worker, the smoke variant and 2 steps per
+  point; the others' configs are loaded and validated.
 - ``mupc_flax.plots`` runs in a subprocess on the workdirs the commands
   before it wrote (each workdir a command names stands for its run here).
 - ``mupc_flax.data prepare`` runs in a subprocess on the offline MNIST files
@@ -27,11 +33,14 @@ docs/results.md and docs/benchmarks.md are records of measured runs: their
 and validated (most are GPU-sized), and their other lines (the studies,
 timing scripts, shell loops) are not checked.
 
-Cost here (2 cores): about NN s in all, most of it the in-process trainings.
+Cost, measured on a 2-core machine shared with other jobs: about 100 s for the
+main commands (four trainings, about 20 s each, and the rest validated);
+the sweep, plots and data subprocesses add about 30 s.
 """
 
 import dataclasses
 import importlib
+import importlib.util
 import inspect
 import json
 import os
@@ -207,13 +216,15 @@ def test_every_command_shown_is_run_or_says_why_not():
 
 def _validate(config) -> None:
   """The training program's config check, before any compute. It is
-  ``mupc_flax.train.validate_config`` (num_devices, num_processes); where the
-  train package's split moved it, the name it has there."""
+  ``validate_config(config, num_devices, num_processes)``: in
+  ``mupc_flax.train`` before the split of train.py, then in
+  ``mupc_flax.validation``."""
   import jax
   from mupc_flax import train
   validate = getattr(train, "validate_config", None)
-  if validate is None:
-    validate = importlib.import_module("mupc_flax.train.validation").validate_config
+  for module in ("mupc_flax.validation", "mupc_flax.train.validation"):
+    if validate is None and importlib.util.find_spec(module) is not None:
+      validate = importlib.import_module(module).validate_config
   validate(config, jax.device_count(), 1)
 
 
@@ -235,8 +246,9 @@ class Runs:
   def __init__(self, tmp_path, data_dir):
     self.tmp_path, self.data_dir = tmp_path, data_dir
     self.workdirs: dict[str, pathlib.Path] = {}
-    self._configs: dict[str, pathlib.Path] = {}
-    self.trained = self.validated = 0
+    self.trained_kinds: dict[str, pathlib.Path] = {}  # network kind -> its trained run
+    self.sweep: pathlib.Path | None = None
+    self.validated = 0
 
   def folder(self, name: str) -> pathlib.Path:
     self._count = getattr(self, "_count", 0) + 1
@@ -251,28 +263,36 @@ class Runs:
 def run_main(command: Command, runs: Runs) -> None:
   from mupc_flax import configuration, train
   named, overrides, _ = flags(command)
-  config = configuration.load(smoke(named["config"]),
-                              [*overrides, "train.num_steps=2", "eval_every_steps=0"])
+  config = configuration.load(smoke(named["config"]), [*overrides, "train.num_steps=2"])
+  config.eval_every_steps = 0  # once, at the end
   config.data.data_dir = str(runs.data_dir)
   if "print_config" in named:
     return
-  key = config.to_json_best_effort(sort_keys=True)
-  if key not in runs._configs:
+  if config.train.warmup_steps >= 2:  # a warm-up longer than the run is refused
+    config.train.warmup_steps = 1
+  _validate(config)
+  kind = config.model.kind
+  if kind not in runs.trained_kinds and config.data.name in OFFLINE_DATASETS:
     workdir = runs.folder(named["workdir"])
-    if config.data.name in OFFLINE_DATASETS:
-      result = train.train_and_evaluate(config, workdir)
-      assert "accuracy" in result, f"{command}: {result}"
-      runs.trained += 1
-    else:  # no offline copy of the dataset: the config loads and validates
-      _validate(config)
-      runs.validated += 1
-    runs._configs[key] = workdir
-  runs.workdirs[named["workdir"]] = runs._configs[key]
+    result = train.train_and_evaluate(config, workdir)
+    assert "accuracy" in result, f"{command}: {result}"
+    runs.trained_kinds[kind] = workdir
+  else:
+    runs.validated += 1
+  # A later command's workdir stands for the run of its network kind (for plots).
+  if kind in runs.trained_kinds:
+    runs.workdirs[named["workdir"]] = runs.trained_kinds[kind]
 
 
 def run_sweep(command: Command, runs: Runs) -> None:
   named, overrides, _ = flags(command)
-  workdir = runs.folder(named["workdir"])
+  if runs.sweep is not None:  # one sweep runs; the others' configs load and validate
+    from mupc_flax import configuration
+    _validate(configuration.load(smoke(named["config"]), overrides))
+    runs.workdirs[named["workdir"]] = runs.sweep
+    runs.validated += 1
+    return
+  workdir = runs.sweep = runs.folder(named["workdir"])
   argv = ["-m", "mupc_flax.sweep", f"--config={smoke(named['config'])}", f"--workdir={workdir}"]
   for name in ("learning_rates", "inference_lrs", "widths", "depths"):
     if name in named:
@@ -306,7 +326,8 @@ RUNNERS = {"mupc_flax.main": run_main, "mupc_flax.sweep": run_sweep,
            "mupc_flax.plots": run_plots, "mupc_flax.data": run_data}
 
 
-def test_every_guide_command_runs_at_smoke_size(tmp_path, mnist_data_dir):
+def test_every_guide_command_runs_at_smoke_size(tmp_path, mnist_data_dir, monkeypatch):
+  monkeypatch.chdir(REPO)  # the commands' paths are relative to the project root
   pytest.importorskip("mupc_flax.configuration", reason="the config loader of the new layout "
                       "(mupc_flax.configuration.load) is not in this checkout yet")
   runs = Runs(tmp_path, mnist_data_dir)
@@ -318,10 +339,12 @@ def test_every_guide_command_runs_at_smoke_size(tmp_path, mnist_data_dir):
       RUNNERS[command.program](command, runs)
     except Exception as e:
       raise AssertionError(f"{command.page}: {command}\n{type(e).__name__}: {e}") from e
-  print(f"{len(todo)} commands: {runs.trained} trainings, {runs.validated} configs validated only")
+  print(f"{len(todo)} commands: {len(runs.trained_kinds)} trainings, {runs.validated} configs "
+        "validated only")
 
 
-def test_the_records_configs_load_and_validate():
+def test_the_records_configs_load_and_validate(monkeypatch):
+  monkeypatch.chdir(REPO)
   """docs/results.md and docs/benchmarks.md: each mupc_flax.main and sweep
   config they show loads under the current config layout and validates."""
   configuration = pytest.importorskip("mupc_flax.configuration", reason="the config loader of the "
