@@ -162,6 +162,8 @@ PARAMETERIZATIONS: dict[str, Parameterization] = {
         optimizer_scale=mupc_optimizer_scale,
     ),
 }
+"""The parameterisations by name: ``"sp"`` (standard PC) and ``"mupc"`` (μPC: Depth-μP
+premultipliers on N(0, 1) weights, μP inside the branches)."""
 
 
 def check_depth_exponent(depth_exponent: float) -> None:

@@ -43,3 +43,27 @@ def test_the_main_command_says_where_the_dataset_goes_and_the_version_is_known()
   assert "--config.data.data_dir" in first
   import mupc_flax
   assert mupc_flax.__version__ == importlib.metadata.version("mupc_flax") != "0+unknown"
+
+
+def test_the_readme_links_into_the_docs_resolve_and_it_stays_short():
+  """README.md is the front page (GitHub's, and the site's through docs/hooks.py):
+  its relative links name existing files, anchors included, and every guide page."""
+  text = README.read_text()
+  assert len(text.splitlines()) <= 200
+  links = re.findall(r"\]\(([^)\s]+)\)", text)
+  relative = [link for link in links if not re.match(r"[a-z]+://", link)]
+  assert relative and all(link.startswith("docs/") for link in relative), relative
+  for link in relative:
+    path, _, anchor = link.partition("#")
+    target = README.parent / path
+    assert target.is_file(), link
+    if anchor:  # the slug GitHub and mkdocs' toc both give a heading
+      slugs = {re.sub(r"[\s]+", "-", re.sub(r"[^\w\s-]", "", h.strip().lower()))
+               for h in re.findall(r"^#+ (.*)$", target.read_text(), re.M)}
+      assert anchor in slugs, link
+  guides = {p.name for p in (README.parent / "docs").glob("*.md")} - {"index.md"}
+  assert guides <= {pathlib.Path(link.partition("#")[0]).name for link in relative}, guides
+  assert "pip install -e '.[docs]' && mkdocs serve" in text
+  block = text[text.index("<!-- variants -->"):text.index("<!-- /variants -->")]
+  names = re.findall(r"^- `([^`]+)`: ", block, re.M)
+  assert names[:5] == ["smoke", "sp", "bp", "deep", "epc"] and names[-1] == "name=value"

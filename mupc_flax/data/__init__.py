@@ -6,6 +6,7 @@ from mupc_flax.data.builders import SOURCES, DataError, is_prepared, prepare
 from mupc_flax.data.pipeline import SPECS, Split, eval_batches, num_eval_batches, train_dataset
 
 DATASETS = tuple(sorted(SOURCES))
+"""The dataset names the project prepares: ``cifar10``, ``fashion_mnist``, ``mnist``."""
 
 
 def default_data_dir() -> str:

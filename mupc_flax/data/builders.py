@@ -95,6 +95,8 @@ SOURCES: dict[str, Source] = {
         env_var="MUPC_CIFAR10_DIR",
     ),
 }
+"""Each dataset's official download location, published SHA-256 checksums and the
+environment variable naming a local folder with its files."""
 
 
 def check_name(name: str) -> None:
@@ -272,6 +274,7 @@ def dataset_dir(name: str, data_dir: str | os.PathLike) -> pathlib.Path:
 
 
 def is_prepared(name: str, data_dir: str | os.PathLike) -> bool:
+  """Whether dataset ``name`` is prepared in ``data_dir`` (its version folder is complete)."""
   # Only a complete preparation is ever renamed into place.
   return (dataset_dir(name, data_dir) / "dataset_info.json").exists()
 

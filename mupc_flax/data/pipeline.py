@@ -56,6 +56,8 @@ SPECS = {
     "fashion_mnist": DatasetSpec((28, 28, 1), (0.5,), (0.5,)),
     "cifar10": DatasetSpec((32, 32, 3), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
 }
+"""Each dataset's image shape [H, W, C] and the per-channel mean and standard deviation
+its images are normalised with (the paper's constants)."""
 
 
 class Split:
@@ -239,6 +241,7 @@ def train_dataset(split: Split, *, global_batch_size: int, seed: int, num_batche
 
 
 def num_eval_batches(split: Split, global_batch_size: int) -> int:
+  """The number of global batches ``eval_batches`` yields: ⌈len(split) / global_batch_size⌉."""
   return math.ceil(len(split) / global_batch_size)
 
 

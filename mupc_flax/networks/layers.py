@@ -19,6 +19,7 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "tanh": jnp.tanh,
     "gelu": jax.nn.gelu,  # tanh approximation, jax's default
 }
+"""The activity functions φ by name (``activation=`` of the networks): linear, relu, tanh, gelu."""
 
 # The precision of the products: the dtype the residual products take their
 # inputs in, and the precision XLA runs every product at (accumulation is

@@ -27,6 +27,7 @@ from mupc_flax.pc import forward, layouts
 
 # Any network of the ``PCNetwork`` protocol.
 Network = PCNetwork
+"""Any network the engine takes: the ``PCNetwork`` protocol (``mupc_flax.networks.protocol``)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,12 +59,16 @@ class OutputLoss:
 
 
 MSE = OutputLoss("mse", lambda outputs, y: 0.5 * jnp.sum(jnp.square(y - outputs), axis=-1))
+"""The squared error ½‖y − μ_L‖² per sample (``loss="mse"``)."""
 CROSS_ENTROPY = OutputLoss(
     "ce", lambda outputs, y: -jnp.sum(y * jax.nn.log_softmax(outputs, axis=-1), axis=-1))
+"""The softmax cross-entropy −Σ_c y_c log softmax(μ_L)_c per sample (``loss="ce"``)."""
 LOSSES = {loss.name: loss for loss in (MSE, CROSS_ENTROPY)}
+"""The built-in output losses by name: ``"mse"`` (``MSE``) and ``"ce"`` (``CROSS_ENTROPY``)."""
 
 # A loss by its name in ``LOSSES`` or as an ``OutputLoss`` of one's own.
 Loss = str | OutputLoss
+"""An output loss: a name in ``LOSSES`` or an ``OutputLoss`` of one's own."""
 
 
 def loss_of(loss: Loss) -> OutputLoss:

@@ -35,10 +35,13 @@ from mupc_flax.pc.energy import (Loss, Network, count_correct, energy_gradients,
 from mupc_flax.pc.options import Engine, Plan, plan
 
 Schedule = Literal["plain", "wavefront"]
+"""How inference visits the layers: every layer at every step (``"plain"``), or only those
+the error signal can have reached from the feed-forward start (``"wavefront"``, same result)."""
 # What inference descends on: the activities (PC) or the errors (ePC).
 Method = Literal["states", "errors"]
 # The inference optimisers that ``Inference.lr`` and ``momentum`` describe.
 Optimizer = Literal["gd", "momentum", "nesterov"]
+"""The named inference optimisers: gradient descent, heavy-ball momentum, Nesterov momentum."""
 
 
 @dataclasses.dataclass(frozen=True)
