@@ -213,7 +213,7 @@ CASES = {
     "bad name=value": Case(lambda s: s.main(config="configs/default.py:width=abc"),
                            r"'width=abc': 'abc' is not a valid int"),
     "unknown name=value": Case(lambda s: s.main(config="configs/default.py:wdth=3"),
-                               r"'wdth' is not a field of config\.model"),
+                               r"'wdth' is a field of none of config\.model"),
     "config file missing": Case(lambda s: s.main(config="configs/nope.py"),
                                 r"there is no config file \S+/configs/nope\.py; give its path"),
     "config file missing, with --traceback": Case(
