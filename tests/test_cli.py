@@ -328,7 +328,7 @@ def test_help_lists_the_variants_and_print_config_lists_the_fields():
   assert "Traceback" not in helped.stderr, helped.stderr[-3000:]  # (absl's --help exits 1)
   for variant in ("smoke", "bp", "sp", "deep", "name=value", "--print_config", "~/tensorflow_datasets"):
     assert variant in helped.stdout, variant
-  assert re.search(r"^  smoke\s+a tiny model", helped.stdout, re.M)
+  assert re.search(r"^  smoke: a tiny model", helped.stdout, re.M)
   printed = subprocess.run([sys.executable, "-m", "mupc_flax.main", "--config=configs/default.py:smoke",
                             "--print_config"], cwd=REPO, env=environment(), capture_output=True,
                            text=True, timeout=120)

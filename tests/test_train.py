@@ -243,8 +243,9 @@ def test_smoke_run_writes_metrics_events_and_checkpoints(smoke_run):
   assert "[eval] step 60/60" in result.stderr  # the console log
   assert re.search(r"^I.*\[train\] step 10/60: .* eta \d+s$", result.stderr, re.M), result.stderr[-2000:]
   assert "eta_seconds" not in result.stderr and "OpenCV" not in result.stderr
-  # The first step's compile is not throughput (before, it made the first window 10× slower).
-  assert train_records[0]["examples_per_second"] > 0.25 * train_records[1]["examples_per_second"]
+  # The first step's compile is not throughput (before, it made the first window 10× slower;
+  # a loaded machine was seen to slow one window 4×).
+  assert train_records[0]["examples_per_second"] > 0.15 * train_records[1]["examples_per_second"]
   # One TensorBoard curve per layer for each per-layer value.
   assert [s for s, _ in scalars["train/layer_energies/5"]] == [10, 20, 30, 40, 50, 60]
   assert {f"eval/{k}/{l}" for k in ("weight_change", "pc_bp_cosines") for l in range(1, 6)} <= set(scalars)
@@ -553,7 +554,7 @@ def test_warmup_then_the_schedule(lr_schedule):
         0.5 if lr_schedule == "constant" else 0.25 * (1 + np.cos(np.pi * (t - 4) / 6)))
     np.testing.assert_allclose(float(update[0]), -want, rtol=1e-6, atol=1e-7, err_msg=str(t))
   config.train.warmup_steps = 10
-  with pytest.raises(validation.TrainingError, match="warmup_steps = 10 must be below the run's 10 steps"):
+  with pytest.raises(UserError, match="warmup_steps = 10 must be below the run's 10 steps"):
     optimizers.weight_optimizer(config, num_steps=10)
 
 
@@ -563,6 +564,6 @@ def test_per_role_scaling_needs_each_weights_scale():
       self.kernel = nnx.Param(np.ones((2, 2), np.float32))
 
   config = load_config("configs/default.py", "optimizer_scaling=per_role")
-  with pytest.raises(validation.TrainingError, match="build the network's layers with "
+  with pytest.raises(UserError, match="build the network's layers with "
                                                 "Parameterization.layer_options"):
     optimizers.weight_optimizer(config, 10, nnx.state(Plain(), nnx.Param))
