@@ -192,6 +192,9 @@ def _train(config, workdir: pathlib.Path, mesh, model: pc.Network, splits) -> di
       x, y = sharding.global_batch((batch["x"], batch["y"]), mesh)
       model_state, opt_state, step_metrics = train_step(model_state, opt_state, x, y)
       if clock is None:
+        # The first step compiles and runs asynchronously: the clock starts once
+        # it has finished, so that none of it counts as throughput.
+        jax.block_until_ready(step_metrics)
         clock, timed = time.perf_counter(), 0
       else:
         timed += 1
