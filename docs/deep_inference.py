@@ -84,7 +84,7 @@ def profiles(splits, results) -> dict:
     engine = mf.Engine(unroll=False)
     hidden = model.hidden_layers
     deep = inference_of(make_results.load_config("configs/mnist_depth.py", "deep"))
-    deep = dataclasses.replace(deep, engine=engine)
+    deep = dataclasses.replace(deep, engine=engine).resolved(hidden)  # T = 2H on this network
     inferences = {
         "paper": mf.Inference(hidden, 0.5, engine=engine),
         "gd, deep's β and T": mf.Inference(deep.steps, deep.lr, engine=engine),

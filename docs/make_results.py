@@ -11,7 +11,6 @@ import argparse
 import json
 import os
 import pathlib
-import sys
 import time
 
 import jax

@@ -155,7 +155,8 @@ def _train(config, workdir: pathlib.Path, mesh, model: pc.Network, splits) -> di
         process_count=jax.process_count(), prefetch=config.data.prefetch))
 
     # Optimizer and compiled steps.
-    optimizer = nnx.Optimizer(model, optimizers.weight_optimizer(config, num_steps, nnx.state(model, nnx.Param)),
+    weights = nnx.state(model, nnx.Param)
+    optimizer = nnx.Optimizer(model, optimizers.weight_optimizer(config, num_steps, weights),
                               wrt=nnx.Param)
     inference = inference_of(config)
     train_step = steps.make_train_step(model, optimizer, mesh, algorithm=config.train.algorithm,

@@ -83,7 +83,8 @@ def validate_config(config, num_devices: int, num_processes: int) -> None:
     if size % num_devices or size % num_processes:
       raise TrainingError(
           f"config.{name} = {size} must be divisible by the number of devices ({num_devices}) "
-          f"and of processes ({num_processes}); use a multiple of {math.lcm(num_devices, num_processes)}.")
+          f"and of processes ({num_processes}); use a multiple of "
+          f"{math.lcm(num_devices, num_processes)}.")
 
 
 def engine_of(config) -> pc.Engine:

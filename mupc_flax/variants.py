@@ -122,12 +122,10 @@ OVERRIDE_HELP = ("a field by its name (hidden_layers=32,width=256), or by sectio
 Recipe = Callable[[ml_collections.ConfigDict], float]
 
 
-def help_lines(recipes: Mapping[str, str] | None = None) -> list[str]:
-  """One line per variant, ``name: help`` (``recipes``: a config's own, name → help),
-  then the override."""
-  lines = [f"{name}: {variant.help}" for name, variant in VARIANTS.items()]
-  lines += [f"{name}: {text}" for name, text in (recipes or {}).items()]
-  return lines + [f"name=value: {OVERRIDE_HELP}"]
+def help_lines() -> list[str]:
+  """One line per variant, ``name: help``, then the override's."""
+  return [f"{name}: {variant.help}" for name, variant in VARIANTS.items()] + [
+      f"name=value: {OVERRIDE_HELP}"]
 
 
 def apply(config: ml_collections.ConfigDict, arg: str | None, *,

@@ -17,7 +17,7 @@ import pytest
 from flax import nnx
 from tensorboardX.proto import event_pb2
 
-from mupc_flax import configuration, data, metrics, optimizers, preemption, train, validation, variants
+from mupc_flax import configuration, data, metrics, optimizers, preemption, validation
 from mupc_flax.errors import UserError
 from mupc_flax.networks import kinds
 from programs import (REPO, RESUMABLE, checkpoint_steps, command, environment, load_checkpoint,
