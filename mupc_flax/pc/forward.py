@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, traverse_util
 
-from mupc_flax.pc import layouts
+from mupc_flax.pc import layouts, options
+from mupc_flax.pc.layouts import cut, is_stacked
 
 
 def hidden_layers(network) -> int:
@@ -29,19 +30,6 @@ def as_stages(z) -> tuple:
 def public_form(network, stages: tuple):
   """A tuple of per-stage arrays in the public form."""
   return stages[0] if len(network.stage_layers) == 1 else tuple(stages)
-
-
-def is_stacked(weights: tuple) -> bool:
-  """Whether residual weights (a tuple of layer-indexed sequences) are arrays
-  with a leading layer axis, rather than tuples of per-layer values."""
-  return all(isinstance(w, jax.Array) or hasattr(w, "shape") for w in weights)
-
-
-def cut(weights: tuple, first: int, stop: int | None = None, per_layer: bool = False) -> tuple:
-  """Each sequence of ``weights`` sliced to layers [first, stop); with
-  ``per_layer``, cut into a tuple of those layers' values."""
-  sliced = tuple(w[first:stop] for w in weights)
-  return tuple(tuple(w[i] for i in range(len(w))) for w in sliced) if per_layer else sliced
 
 
 def residual_weights(network, per_layer: bool, dtype: Any = None) -> tuple:
@@ -83,7 +71,6 @@ def _stage(network, stage: int, z: jax.Array, weights: tuple, unrolled: bool, ke
 
 
 def _default_plan(network, x):
-  from mupc_flax.pc import options  # which plans with this module
   return options.plan(None, network, x)
 
 

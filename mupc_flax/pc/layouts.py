@@ -48,3 +48,16 @@ def upper(stages: tuple, stage: int, index: int) -> tuple:
 def with_upper(stages: tuple, updated: tuple, stage: int, index: int) -> tuple:
   """``stages`` with its upper layers from (``stage``, ``index``) replaced by ``updated``."""
   return stages[:stage] + (join(stages[stage][:index], updated[0]),) + updated[1:]
+
+
+def is_stacked(weights: tuple) -> bool:
+  """Whether residual weights (a tuple of layer-indexed sequences) are arrays
+  with a leading layer axis, rather than tuples of per-layer values."""
+  return all(isinstance(w, jax.Array) or hasattr(w, "shape") for w in weights)
+
+
+def cut(weights: tuple, first: int, stop: int | None = None, per_layer: bool = False) -> tuple:
+  """Each sequence of ``weights`` sliced to layers [first, stop); with
+  ``per_layer``, cut into a tuple of those layers' values."""
+  sliced = tuple(w[first:stop] for w in weights)
+  return tuple(tuple(w[i] for i in range(len(w))) for w in sliced) if per_layer else sliced

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from mupc_flax.errors import FieldError
-from mupc_flax.pc import forward, pallas_step
+from mupc_flax.pc import layouts, pallas_step
 
 Layout = Literal["auto", "stacked", "per_layer"]
 Kernel = Literal["xla", "pallas"]
@@ -103,7 +103,7 @@ def branch_primitives(network, x: jax.ShapeDtypeStruct) -> set[str]:
     for s, layers in enumerate(network.stage_layers):
       z = network.entry(s, below)
       if layers > 1:
-        weights = forward.cut(network.residual_weights(s), 0, 1, per_layer=True)
+        weights = layouts.cut(network.residual_weights(s), 0, 1, per_layer=True)
         z = network.residual_branch(s, weights, (network.phi(z),))[0] + z
       out.append(z)
       below = network.phi(z)
@@ -117,7 +117,7 @@ def plan(engine: "Engine | None", network, x, method: str = "states") -> Plan:
   for inference on the ``method``'s variables ("states" or "errors")."""
   engine = engine or Engine()
   weights = [network.residual_weights(s) for s in range(len(network.stage_layers))]
-  stacked = all(forward.is_stacked(w) for w in weights)
+  stacked = all(layouts.is_stacked(w) for w in weights)
   on_cpu = jax.default_backend() == "cpu"
   convolution = "conv_general_dilated" in branch_primitives(
       network, jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)))
