@@ -10,6 +10,7 @@ sharding and checkpoints must all agree with ``jax.grad`` of it.
 import concurrent.futures
 import shutil
 import sys
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -152,6 +153,41 @@ def test_error_steps_are_gradient_descent_on_the_oracle(name):
     eps = jax.tree.map(lambda e, g: e - lr * g, eps, jax.grad(energy)(eps))
   got = mf.infer(net, x, y, mf.Inference(2, lr, method="errors"), loss="ce")
   assert_trees_close(got, oracle_perturbed_pass(net, eps, x))
+
+
+def oracle_method(problem, stages):
+  """An inference method from outside the engine (``pc.InferenceMethod``):
+  plain gradient descent on the activities of the oracle energy."""
+  net, x, y, steps, lr = problem.model, problem.x, problem.y, problem.inference.steps, problem.inference.lr
+  start = stages or mf.pc.forward.as_stages(mf.feedforward(net, x))
+  z = start
+  for _ in range(steps):
+    z = jax.tree.map(lambda a, g: a - lr * g, z, jax.grad(oracle_energy, argnums=1)(net, z, x, y))
+  arrange = lambda arrays: tuple(mf.pc.layouts.arrange(a, problem.plan.per_layer) for a in arrays)
+  errors = arrange(mf.pc.deviations.start_errors(problem, z))
+  return mf.pc.descent.Equilibrium(z, errors, arrange(tuple(net.phi(a) for a in z)),
+                                   net.readout(net.phi(start[-1][-1])),
+                                   {"inference_steps": jnp.asarray(steps, jnp.int32)})
+
+
+@pytest.mark.parametrize("name", NETWORKS)
+def test_a_new_method_is_one_table_entry(name, monkeypatch):
+  """A method registered in ``METHODS`` runs through ``infer`` and
+  ``pc_inference`` (metrics, weight gradients) like the built-in ones: the
+  oracle's gradient descent gives what the states method gives."""
+  monkeypatch.setitem(mf.pc.inference.METHODS, "oracle", oracle_method)
+  net, (x, y) = build(name), batch(3)
+  ours = mf.Inference(3, 0.5 * B, "plain")
+  theirs = mf.Inference(3, 0.5 * B, "plain", method="oracle")
+  # Absolute tolerances: the oracle's errors cancel to rounding where the engine's are exactly 0.
+  close = lambda a, b: jax.tree.map(partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-6), a, b)
+  close(mf.infer(net, x, y, theirs), mf.infer(net, x, y, ours))
+  (result, metrics), (reference, reference_metrics) = (
+      mf.pc.pc_inference(net, x, y, inference) for inference in (theirs, ours))
+  close(result, reference)
+  close(metrics, reference_metrics)
+  with pytest.raises(ValueError, match="Unknown inference method 'oracle2'"):
+    mf.Inference(method="oracle2")
 
 
 def parameter_cosines(a, b):

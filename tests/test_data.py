@@ -15,7 +15,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from mupc_flax import data
-from mupc_flax.data import builders, pipeline
+from mupc_flax.data import builders, pipeline, source_files
 import datafiles
 
 MNIST_TEST_LABEL_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
@@ -47,7 +47,7 @@ def test_real_mnist_prepared_offline(mnist_data_dir):
   assert np.bincount(labels, minlength=10).tolist() == MNIST_TEST_LABEL_COUNTS
   # Every decoded image equals the idx file's bytes, with its label.
   folder = pathlib.Path(os.environ["MUPC_MNIST_DIR"])
-  idx_images, idx_labels = builders.read_idx_split(folder / "t10k-images-idx3-ubyte.gz",
+  idx_images, idx_labels = source_files.read_idx_split(folder / "t10k-images-idx3-ubyte.gz",
                                                    folder / "t10k-labels-idx1-ubyte.gz")
   assert images.shape == (10_000, 28, 28, 1) and images.dtype == np.uint8
   assert image_counter(images[..., 0], labels) == image_counter(idx_images, idx_labels)

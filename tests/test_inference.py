@@ -222,7 +222,7 @@ def test_step_guard_keeps_the_step_inside_the_stability_bound(method, optimizer)
   assert 0.95 * true_max < estimate <= true_max * (1 + 1e-4), (estimate, true_max)
   bound = make(30).stability_bound()
   assert lr / batch * true_max < bound
-  np.testing.assert_allclose(lr / batch * estimate, mf.pc.inference.GUARD_MARGIN * bound, rtol=1e-5)
+  np.testing.assert_allclose(lr / batch * estimate, mf.pc.step_guard.GUARD_MARGIN * bound, rtol=1e-5)
   assert float(guarded["energy"]) < float(guarded["loss"])
   assert not float(unguarded["energy"]) < float(unguarded["loss"])  # diverged (or NaN)
 

@@ -1,4 +1,5 @@
-"""Datasets: TF-free TFDS preparation (``builders``) and grain pipelines (``pipeline``)."""
+"""Datasets: reading the source files (``source_files``), TF-free TFDS preparation
+(``builders``) and grain pipelines (``pipeline``)."""
 
 import os
 

@@ -81,7 +81,7 @@ def feedforward(network, x: jax.Array, *, unrolled: bool | None = None) -> Any:
   engine's default plan starts inference (so the same numbers)."""
   if unrolled is None:
     plan = _default_plan(network, x)
-    unrolled = plan.per_layer or plan.unroll
+    unrolled = plan.unrolled
   return public_form(network, perturbed_stages(network, x, None, unrolled))
 
 

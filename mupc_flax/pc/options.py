@@ -81,6 +81,12 @@ class Plan(NamedTuple):
   closed_form: bool
   kernel: str
 
+  @property
+  def unrolled(self) -> bool:
+    """Whether the forward pass is written out per layer: where the layers
+    are held per layer or inference unrolls its loop."""
+    return self.per_layer or self.unroll
+
 
 def _primitives(jaxpr) -> set[str]:
   names = set()
