@@ -20,6 +20,7 @@ A train step takes either form:
   before using the modules again. The training loop uses this form.
 """
 
+from functools import partial
 from typing import Callable, Literal, get_args
 
 import jax
@@ -30,6 +31,7 @@ from jax.sharding import PartitionSpec as P
 from mupc_flax import diagnostics, pc, sharding
 
 Algorithm = Literal["pc", "bp"]
+DATA = P(sharding.DATA_AXIS)
 
 
 def make_train_step(model: pc.Network, optimizer: nnx.Optimizer,
@@ -74,110 +76,11 @@ def make_train_step(model: pc.Network, optimizer: nnx.Optimizer,
   if algorithm not in get_args(Algorithm):
     raise ValueError(f"Unknown algorithm {algorithm!r}; choose 'pc' or 'bp'.")
   mesh = mesh or sharding.make_mesh()
-  if split is None:
+  if split is None:  # a loop followed by more work runs slower on one CPU device (see ``split``)
     split = jax.default_backend() == "cpu" and len(mesh.local_devices) == 1
-  model_def = nnx.graphdef(model)
-  opt_def = nnx.graphdef(optimizer)
-  data = P(sharding.DATA_AXIS)
-  # Pallas (jax 0.10, interpret mode) cannot type a kernel's values as
-  # device-varying, so shard_map's check of those types is off around the
-  # Pallas inference kernel. Nothing depends on it: the weight gradients are
-  # made local and summed by one explicit psum either way.
-  check_vma = inference is None or inference.engine.kernel != "pallas"
-
-  def global_batch_size(x):
-    return x.shape[0] * jax.lax.axis_size(sharding.DATA_AXIS)
-
-  def build(per_layer: bool):
-    """The compiled step and its ``lower``, for inference in this layout."""
-    # Per stage: a tuple of per-layer arrays, or one array with the layer axis first.
-    hidden = tuple((data,) * layers if per_layer else P(None, sharding.DATA_AXIS)
-                   for layers in model.stage_layers)
-    result_specs = pc.InferenceResult(hidden, hidden, data)
-
-    def local_inference(model_state, x, y):
-      model = nnx.merge(model_def, model_state)
-      result, metrics = pc.pc_inference(model, x, y, inference, loss=loss,
-                                        batch_size=global_batch_size(x), axis_name=sharding.DATA_AXIS)
-      # Metrics are local sums over the global-batch normaliser: add them up
-      # (what inference did, inference_*, is the same on every device).
-      shared = {k: metrics.pop(k) for k in list(metrics) if k.startswith("inference_")}
-      return result, jax.lax.psum(metrics, sharding.DATA_AXIS) | shared
-
-    def local_weight_gradients(model_state, x, result):
-      # Marking the weights device-varying makes every gradient a local one
-      # (jax.grad then inserts no implicit sum), so one explicit psum serves
-      # the closed-form PC gradients and the backprop ones alike.
-      model = nnx.merge(model_def, jax.lax.pcast(model_state, sharding.DATA_AXIS, to="varying"))
-      grads = pc.pc_weight_gradients(model, x, result, inference.engine)
-      return jax.lax.psum(grads, sharding.DATA_AXIS)
-
-    def local_gradients(model_state, x, y):
-      if algorithm == "pc":
-        result, metrics = local_inference(model_state, x, y)
-        return local_weight_gradients(model_state, x, result), metrics
-      model = nnx.merge(model_def, jax.lax.pcast(model_state, sharding.DATA_AXIS, to="varying"))
-      grads, metrics = pc.bp_gradients(model, x, y, loss=loss, batch_size=global_batch_size(x))
-      return jax.lax.psum((grads, metrics), sharding.DATA_AXIS)
-
-    def apply(model_state, opt_state, grads):
-      """The optimizer update; also returns the norm of each layer's weight change [L]."""
-      model = nnx.merge(model_def, model_state)
-      optimizer = nnx.merge(opt_def, opt_state)
-      updates = optimizer.update(model, grads)  # what was added to the weights
-      return nnx.state(model), nnx.state(optimizer), diagnostics.layer_norms(model, updates)
-
-    replicated, batch = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-    if split and algorithm == "pc":
-      inference_part = jax.jit(
-          jax.shard_map(local_inference, mesh=mesh, in_specs=(P(), data, data),
-                        out_specs=(result_specs, P()), check_vma=check_vma),
-          in_shardings=(replicated, batch, batch))
-      gradients = jax.shard_map(local_weight_gradients, mesh=mesh,
-                                in_specs=(P(), data, result_specs), out_specs=P())
-      update_part = jax.jit(lambda m, o, x, r: apply(m, o, gradients(m, x, r)),
-                            donate_argnums=(0, 1), out_shardings=(replicated, replicated, replicated))
-
-      def step(model_state, opt_state, x, y):
-        result, metrics = inference_part(model_state, x, y)
-        model_state, opt_state, update_norms = update_part(model_state, opt_state, x, result)
-        return model_state, opt_state, metrics | {"update_norms": update_norms}
-
-      def lower(model_state, opt_state, x, y):
-        result = jax.eval_shape(inference_part, model_state, x, y)[0]
-        return [inference_part.lower(model_state, x, y),
-                update_part.lower(model_state, opt_state, x, result)]
-    else:
-      gradients = jax.shard_map(local_gradients, mesh=mesh, in_specs=(P(), data, data),
-                                out_specs=(P(), P()), check_vma=check_vma)
-
-      def whole(model_state, opt_state, x, y):
-        grads, metrics = gradients(model_state, x, y)
-        model_state, opt_state, update_norms = apply(model_state, opt_state, grads)
-        return model_state, opt_state, metrics | {"update_norms": update_norms}
-
-      step = jax.jit(whole, donate_argnums=(0, 1), in_shardings=(replicated, replicated, batch, batch),
-                     out_shardings=(replicated, replicated, replicated))
-
-      def lower(*args):
-        return [step.lower(*args)]
-    return step, lower
-
-  built = {}  # the inference layout depends on the input's shape: one build per shape
-
-  def compiled(x):
-    key = (x.shape, x.dtype)
-    if key not in built:
-      per_layer = algorithm == "pc" and pc.plan(inference.engine, model, x, inference.method).per_layer
-      built[key] = build(per_layer)
-    return built[key]
-
-  wait = _must_wait(mesh)
-
-  def functional_step(model_state, opt_state, x, y):
-    sharding.check_batch_size(x.shape[0], mesh)
-    out = compiled(x)[0](model_state, opt_state, x, y)
-    return jax.block_until_ready(out) if wait else out
+  defs = nnx.graphdef(model), nnx.graphdef(optimizer)
+  functional_step = _Dispatch(mesh, partial(_train_program, model, defs, mesh, algorithm, inference,
+                                            loss, split and algorithm == "pc"), batch_arg=2)
 
   def train_step(model, optimizer, x, y):
     if not isinstance(model, nnx.Module):
@@ -191,9 +94,61 @@ def make_train_step(model: pc.Network, optimizer: nnx.Optimizer,
     nnx.update(optimizer, opt_state)
     return metrics
 
-  train_step.lower = lambda model_state, opt_state, x, y: compiled(x)[1](model_state, opt_state,
-                                                                          x, y)
+  train_step.lower = functional_step.lower
   return train_step
+
+
+def make_eval_step(model: pc.Network, mesh: jax.sharding.Mesh | None = None, *,
+                   loss: pc.Loss = "mse") -> Callable:
+  """Builds the jitted, data-parallel eval step (feed-forward prediction).
+
+  Returns ``step(model_state, x [B, D], y [B, C], mask [B]) -> sums`` with
+  ``loss`` (summed per-sample loss), ``correct`` and ``count`` summed over the
+  rows where mask is 1, so padded rows of a last partial batch do not count.
+  """
+  mesh = mesh or sharding.make_mesh()
+  replicated, batch = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+  sums = jax.jit(jax.shard_map(partial(_local_sums, nnx.graphdef(model), loss), mesh=mesh,
+                               in_specs=(P(), DATA, DATA, DATA), out_specs=P()),
+                 in_shardings=(replicated, batch, batch, batch), out_shardings=replicated)
+  return _Dispatch(mesh, lambda x: _single(sums), batch_arg=1)
+
+
+class _Dispatch:
+  """A step in the functional form: its compiled program for each input shape, called or lowered.
+
+  ``build(x)`` gives the program for inputs shaped like ``x`` [B, ...] (the
+  argument at ``batch_arg``): ``run(call, *args)``, which chains the jitted
+  parts, each called as ``call(part, *part_args)``.
+  """
+
+  def __init__(self, mesh: jax.sharding.Mesh, build: Callable, batch_arg: int):
+    self.mesh, self.build, self.batch_arg = mesh, build, batch_arg
+    self.wait = _must_wait(mesh)
+    self.built = {}
+
+  def program(self, args) -> Callable:
+    x = args[self.batch_arg]
+    key = (x.shape, x.dtype)
+    if key not in self.built:
+      self.built[key] = self.build(x)
+    return self.built[key]
+
+  def __call__(self, *args):
+    sharding.check_batch_size(args[self.batch_arg].shape[0], self.mesh)
+    out = self.program(args)(lambda part, *part_args: part(*part_args), *args)
+    return jax.block_until_ready(out) if self.wait else out
+
+  def lower(self, *args) -> list[jax.stages.Lowered]:
+    """The ``jax.stages.Lowered`` of each compiled part, in the order they run."""
+    lowered = []
+
+    def call(part, *part_args):
+      lowered.append(part.lower(*part_args))
+      return lowered[-1].out_info  # shapes and dtypes for the next part
+
+    self.program(args)(call, *args)
+    return lowered
 
 
 def _must_wait(mesh: jax.sharding.Mesh) -> bool:
@@ -208,34 +163,107 @@ def _must_wait(mesh: jax.sharding.Mesh) -> bool:
   return jax.default_backend() == "cpu" and len(mesh.local_devices) > 1
 
 
-def make_eval_step(model: pc.Network, mesh: jax.sharding.Mesh | None = None, *,
-                   loss: pc.Loss = "mse") -> Callable:
-  """Builds the jitted, data-parallel eval step (feed-forward prediction).
-
-  Returns ``step(model_state, x [B, D], y [B, C], mask [B]) -> sums`` with
-  ``loss`` (summed per-sample loss), ``correct`` and ``count`` summed over the
-  rows where mask is 1, so padded rows of a last partial batch do not count.
-  """
-  mesh = mesh or sharding.make_mesh()
-  model_def = nnx.graphdef(model)
-
-  def local_sums(model_state, x, y, mask):
-    outputs = pc.predict(nnx.merge(model_def, model_state), x)
-    correct = jnp.argmax(outputs, -1) == jnp.argmax(y, -1)
-    sums = {"loss": jnp.sum(mask * pc.loss_of(loss)(outputs, y)),
-            "correct": jnp.sum(mask * correct), "count": jnp.sum(mask)}
-    return jax.lax.psum(sums, sharding.DATA_AXIS)
-
-  data = P(sharding.DATA_AXIS)
-  sums = jax.shard_map(local_sums, mesh=mesh, in_specs=(P(), data, data, data), out_specs=P())
+def _train_program(model: pc.Network, defs: tuple[nnx.GraphDef, nnx.GraphDef],
+                   mesh: jax.sharding.Mesh, algorithm: Algorithm, inference: pc.Inference | None,
+                   loss: pc.Loss, split: bool, x: jax.Array) -> Callable:
+  """The train step for inputs shaped like ``x`` [B, ...], as ``_Dispatch`` runs it: one jitted
+  part or, with ``split``, inference and then the weight update. Both donate the states."""
+  # The inference layout depends on the input's shape.
+  per_layer = algorithm == "pc" and pc.plan(inference.engine, model, x, inference.method).per_layer
+  model_def, opt_def = defs
   replicated, batch = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-  step = jax.jit(sums, in_shardings=(replicated, batch, batch, batch), out_shardings=replicated)
+  update = partial(_apply_update, model_def, opt_def)
+  # Pallas (jax 0.10, interpret mode) cannot type a kernel's values as
+  # device-varying, so shard_map's check of those types is off around the
+  # Pallas inference kernel. Nothing depends on it: the weight gradients are
+  # made local and summed by one explicit psum either way.
+  check_vma = inference is None or inference.engine.kernel != "pallas"
+  if not split:
+    local = (partial(_local_pc_gradients, model_def, inference, loss) if algorithm == "pc"
+             else partial(_local_bp_gradients, model_def, loss))
+    gradients = jax.shard_map(local, mesh=mesh, in_specs=(P(), DATA, DATA), out_specs=(P(), P()),
+                              check_vma=check_vma)
+    whole = jax.jit(lambda m, o, x, y: update(m, o, *gradients(m, x, y)), donate_argnums=(0, 1),
+                    in_shardings=(replicated, replicated, batch, batch),
+                    out_shardings=(replicated, replicated, replicated))
+    return _single(whole)
+  # Per stage: a tuple of per-layer arrays, or one array with the layer axis first.
+  hidden = tuple((DATA,) * layers if per_layer else P(None, sharding.DATA_AXIS)
+                 for layers in model.stage_layers)
+  result_specs = pc.InferenceResult(hidden, hidden, DATA)
+  inference_part = jax.jit(
+      jax.shard_map(partial(_local_inference, model_def, inference, loss), mesh=mesh,
+                    in_specs=(P(), DATA, DATA), out_specs=(result_specs, P()), check_vma=check_vma),
+      in_shardings=(replicated, batch, batch))
+  gradients = jax.shard_map(partial(_local_weight_gradients, model_def, inference.engine),
+                            mesh=mesh, in_specs=(P(), DATA, result_specs), out_specs=P())
+  update_part = jax.jit(lambda m, o, x, r: update(m, o, gradients(m, x, r), {}),
+                        donate_argnums=(0, 1), out_shardings=(replicated, replicated, replicated))
 
-  wait = _must_wait(mesh)
+  def run(call, model_state, opt_state, x, y):
+    result, metrics = call(inference_part, model_state, x, y)
+    model_state, opt_state, update_norms = call(update_part, model_state, opt_state, x, result)
+    return model_state, opt_state, metrics | update_norms
+  return run
 
-  def eval_step(model_state, x, y, mask):
-    sharding.check_batch_size(x.shape[0], mesh)
-    out = step(model_state, x, y, mask)
-    return jax.block_until_ready(out) if wait else out
 
-  return eval_step
+def _single(part: Callable) -> Callable:
+  """The program of a step compiled as one part."""
+  return lambda call, *args: call(part, *args)
+
+
+def _global_batch_size(x: jax.Array) -> int:
+  return x.shape[0] * jax.lax.axis_size(sharding.DATA_AXIS)
+
+
+def _local_inference(model_def, inference, loss, model_state, x, y):
+  """Inference on this device's rows x [b, D], y [b, C]: the local ``pc.InferenceResult``
+  and the global metrics."""
+  model = nnx.merge(model_def, model_state)
+  result, metrics = pc.pc_inference(model, x, y, inference, loss=loss,
+                                    batch_size=_global_batch_size(x), axis_name=sharding.DATA_AXIS)
+  # Metrics are local sums over the global-batch normaliser: add them up
+  # (what inference did, inference_*, is the same on every device).
+  shared = {k: metrics.pop(k) for k in list(metrics) if k.startswith("inference_")}
+  return result, jax.lax.psum(metrics, sharding.DATA_AXIS) | shared
+
+
+def _local_weight_gradients(model_def, engine, model_state, x, result):
+  """∂F/∂W at the end of this device's inference, summed over devices."""
+  # Marking the weights device-varying makes every gradient a local one
+  # (jax.grad then inserts no implicit sum), so one explicit psum serves
+  # the closed-form PC gradients and the backprop ones alike.
+  model = nnx.merge(model_def, jax.lax.pcast(model_state, sharding.DATA_AXIS, to="varying"))
+  return jax.lax.psum(pc.pc_weight_gradients(model, x, result, engine), sharding.DATA_AXIS)
+
+
+def _local_pc_gradients(model_def, inference, loss, model_state, x, y):
+  """Inference, then ∂F/∂W, on this device's rows: the gradients and metrics, summed."""
+  result, metrics = _local_inference(model_def, inference, loss, model_state, x, y)
+  return _local_weight_gradients(model_def, inference.engine, model_state, x, result), metrics
+
+
+def _local_bp_gradients(model_def, loss, model_state, x, y):
+  """Backprop's gradients and metrics on this device's rows, summed over devices."""
+  model = nnx.merge(model_def, jax.lax.pcast(model_state, sharding.DATA_AXIS, to="varying"))
+  grads, metrics = pc.bp_gradients(model, x, y, loss=loss, batch_size=_global_batch_size(x))
+  return jax.lax.psum((grads, metrics), sharding.DATA_AXIS)
+
+
+def _apply_update(model_def, opt_def, model_state, opt_state, grads, metrics):
+  """The optimizer update: the new states, and ``metrics`` plus ``update_norms``, the norm of
+  each layer's weight change [L]."""
+  model = nnx.merge(model_def, model_state)
+  optimizer = nnx.merge(opt_def, opt_state)
+  updates = optimizer.update(model, grads)  # what was added to the weights
+  return (nnx.state(model), nnx.state(optimizer),
+          metrics | {"update_norms": diagnostics.layer_norms(model, updates)})
+
+
+def _local_sums(model_def, loss, model_state, x, y, mask):
+  """The eval sums over this device's unmasked rows, summed over devices."""
+  outputs = pc.predict(nnx.merge(model_def, model_state), x)
+  correct = jnp.argmax(outputs, -1) == jnp.argmax(y, -1)
+  sums = {"loss": jnp.sum(mask * pc.loss_of(loss)(outputs, y)),
+          "correct": jnp.sum(mask * correct), "count": jnp.sum(mask)}
+  return jax.lax.psum(sums, sharding.DATA_AXIS)
