@@ -9,7 +9,10 @@ running already).
 """
 
 import ast
+import os
 import pathlib
+import subprocess
+import sys
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "mupc_flax"
 MOST_LINES = 350
@@ -94,3 +97,25 @@ def test_no_file_over_the_limit():
   lines = {name: len(path.read_text().splitlines()) for name, path in MODULES.items()}
   assert len(lines) > 40 and max(lines.values()) > 100
   assert {name: n for name, n in lines.items() if n > MOST_LINES} == {}, "split these by concern"
+
+
+def test_the_engine_and_the_gpu_suite_need_no_program_packages():
+  """``import mupc_flax`` and the GPU suite's plan run with ml_collections,
+  grain and tfds absent (the GPU image has none of them)."""
+  blocked = ("ml_collections", "grain", "tensorflow_datasets")
+  script = f"""
+import sys
+class Absent:
+  def find_spec(self, name, path, target=None):
+    if name.split(".")[0] in {blocked!r}:
+      raise ImportError("absent: " + name)
+sys.meta_path.insert(0, Absent())
+import mupc_flax
+sys.path.insert(0, "benchmarks")
+import gpu_suite
+sys.exit(gpu_suite.main(["--plan_only"]))
+"""
+  run = subprocess.run([sys.executable, "-c", script], cwd=PACKAGE.parent, capture_output=True,
+                       text=True, env=dict(os.environ, PYTHONPATH=str(PACKAGE.parent)))
+  assert run.returncode == 0, run.stderr[-2000:]
+  assert "case" in run.stdout.lower()

@@ -14,10 +14,12 @@ for any importable module: a ``NetworkKind``, or a plain factory function.
 import dataclasses
 import importlib
 import inspect
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import ml_collections
 from flax import nnx
+
+if TYPE_CHECKING:  # imported where a config is made: the engine runs without ml_collections
+  import ml_collections
 
 # The built-in kinds, each the ``KIND`` of its module.
 BUILT_IN = {"dense": "mupc_flax.networks.dense", "conv": "mupc_flax.networks.conv",
@@ -72,7 +74,7 @@ def get(kind: str) -> NetworkKind:
   raise ValueError(f"{module_name!r} has no network factory {attribute!r} (model.kind {kind!r}).")
 
 
-def model_config(kind: str, **fields) -> ml_collections.ConfigDict:
+def model_config(kind: str, **fields) -> "ml_collections.ConfigDict":
   """``config.model`` for ``kind``: its fields at their defaults, then ``fields``."""
   network = get(kind)
   defaults = network.fields
@@ -80,10 +82,12 @@ def model_config(kind: str, **fields) -> ml_collections.ConfigDict:
   if unknown:
     raise ValueError(f"The {kind} network takes no field {unknown[0]!r}; its fields are "
                      f"{sorted(defaults)}.")
+  import ml_collections
+
   return ml_collections.ConfigDict(dict(kind=kind, **defaults) | fields)
 
 
-def check_fields(model: ml_collections.ConfigDict) -> NetworkKind:
+def check_fields(model: "ml_collections.ConfigDict") -> NetworkKind:
   """The kind of ``config.model``; ValueError naming a field it does not
   take, or one it needs that is missing."""
   network = get(model.kind)
@@ -98,7 +102,7 @@ def check_fields(model: ml_collections.ConfigDict) -> NetworkKind:
   return network
 
 
-def build(model: ml_collections.ConfigDict, spec, seed: int):
+def build(model: "ml_collections.ConfigDict", spec, seed: int):
   """The network ``config.model`` describes, for a dataset of ``spec``;
   the factory's ValueError for a value or shape it cannot take."""
   network = check_fields(model)
@@ -107,7 +111,7 @@ def build(model: ml_collections.ConfigDict, spec, seed: int):
   return network.make(spec, rngs=nnx.Rngs(seed), **fields)
 
 
-def hidden_layers(model: ml_collections.ConfigDict, spec) -> int:
+def hidden_layers(model: "ml_collections.ConfigDict", spec) -> int:
   """H of the network ``config.model`` describes, from its shapes alone (no weights drawn)."""
   network = nnx.eval_shape(lambda: build(model, spec, 0))
   return sum(network.stage_layers)
