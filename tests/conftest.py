@@ -8,19 +8,45 @@ import jax
 jax.config.update("jax_num_cpu_devices", 8)
 sys.path.insert(0, os.path.dirname(__file__))  # for the oracles module
 
+import contextlib  # noqa: E402
+import fcntl  # noqa: E402
+import pathlib  # noqa: E402
+
 import pytest  # noqa: E402
+
+
+def shared_folder(tmp_path_factory, name) -> pathlib.Path:
+  """A folder every process of this session shares: this one's, or under
+  pytest-xdist (``-n 2``) the one all workers' temporary folders are in."""
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent
+  folder = root / name
+  folder.mkdir(exist_ok=True)
+  return folder
+
+
+@contextlib.contextmanager
+def shared_lock(folder):
+  """Held by one process of the session at a time (xdist workers take turns)."""
+  with open(pathlib.Path(folder) / ".lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    yield
 
 
 @pytest.fixture(scope="session")
 def mnist_data_dir(tmp_path_factory):
-  """Real MNIST prepared offline from ``MUPC_MNIST_DIR`` (CI: ../shared/data/mnist)."""
+  """Real MNIST prepared offline from ``MUPC_MNIST_DIR`` (CI: ../shared/data/mnist),
+  once per session (xdist workers share it)."""
   folder = os.environ.get("MUPC_MNIST_DIR")
   if not folder:
     pytest.skip("MUPC_MNIST_DIR is unset: point it at the folder with the four MNIST idx .gz "
                 "files to run the real-data tests.")
   from mupc_flax import data
-  data_dir = tmp_path_factory.mktemp("tfds_real")
-  data.prepare("mnist", data_dir, manual_dir=folder)
+  root = shared_folder(tmp_path_factory, "tfds_real_shared")
+  data_dir = root / "tfds"
+  with shared_lock(root):  # the first worker prepares; the others find it prepared
+    data.prepare("mnist", data_dir, manual_dir=folder)
   return data_dir
 
 
@@ -33,7 +59,7 @@ def shared_compilation_cache(tmp_path_factory):
   time; a cached executable is the one the compiler would have produced."""
   from jax.experimental.compilation_cache import compilation_cache
 
-  folder = str(tmp_path_factory.mktemp("jax_cache"))
+  folder = str(shared_folder(tmp_path_factory, "jax_cache"))  # xdist workers share it too
   saved_env = {key: os.environ.get(key) for key in
                ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")}
   saved_config = {key: getattr(jax.config, key) for key in
@@ -60,7 +86,8 @@ def decoded_data_cache(tmp_path_factory):
   """The decoded splits' cache in this session's folder, not the user's: every
   run in a subprocess after the first loads MNIST from it."""
   saved = os.environ.get("MUPC_CACHE_DIR")
-  os.environ["MUPC_CACHE_DIR"] = str(tmp_path_factory.mktemp("decoded_splits"))
+  # Written by replacing a finished file: xdist workers share it safely.
+  os.environ["MUPC_CACHE_DIR"] = str(shared_folder(tmp_path_factory, "decoded_splits"))
   yield
   if saved is None:
     os.environ.pop("MUPC_CACHE_DIR")
@@ -77,9 +104,15 @@ def _finished_run(tmp_path_factory, data_dir, name, *overrides):
 
 
 @pytest.fixture(scope="session")
-def smoke_run(tmp_path_factory, mnist_data_dir):
+def smoke_run(tmp_path_factory, mnist_data_dir, smoke_run_30_steps):
   """The smoke config's run as it stands (60 steps, one device): (workdir, the
-  finished process). Tests only read it; one that runs on in a workdir copies it."""
+  finished process). Tests only read it; one that runs on in a workdir copies it.
+
+  It runs after the 30-step run, whose programs are the same: they come from the
+  shared compilation cache, so that its first logged window measures steps, not
+  compiles, whatever ran before (test_train checks the first window's throughput;
+  run first on a cold cache, the eval and logging compiles fell into it)."""
+  del smoke_run_30_steps  # run first: it fills the compilation cache
   return _finished_run(tmp_path_factory, mnist_data_dir, "smoke_run")
 
 

@@ -16,6 +16,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from mupc_flax import checkpointing
 from programs import (REPO, checkpoint_steps, command, environment, free_port, load_checkpoint,
@@ -80,6 +81,7 @@ def lost_line(process, lost, workdir, seconds=5):
           f"{checkpointing.directory(workdir)}: rerun the same command to resume from it.")
 
 
+@pytest.mark.slow
 def test_preemptions_and_a_killed_process_resume_bit_identically(tmp_path, mnist_data_dir):
   reference = start_processes(tmp_path / "reference", mnist_data_dir, *FAULTS,
                               logs=tmp_path / "logs" / "reference")
@@ -150,6 +152,7 @@ def test_preemptions_and_a_killed_process_resume_bit_identically(tmp_path, mnist
       np.testing.assert_array_equal(a[key], b[key], err_msg=f"{item} {key}")
 
 
+@pytest.mark.slow
 def test_a_hung_process_stops_the_others_and_the_launcher(tmp_path, mnist_data_dir):
   """Process 1 stops (SIGSTOP) as soon as it has joined: process 0 names it
   within the peer timeout and exits 1; the launcher then kills the stopped
@@ -174,6 +177,7 @@ def test_a_hung_process_stops_the_others_and_the_launcher(tmp_path, mnist_data_d
   assert not pathlib.Path(f"/proc/{hung}").exists()  # killed (and reaped) by the launcher
 
 
+@pytest.mark.slow
 def test_a_process_started_alone_stops_after_the_initialization_timeout(tmp_path, mnist_data_dir):
   """Process 0 (which hosts the coordinator) and process 1, each of a run whose
   other process never comes, both stop once --initialization_timeout passes."""

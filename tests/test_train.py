@@ -257,6 +257,7 @@ def test_eta_is_formatted(seconds, text):
   assert metrics.format_duration(seconds) == text
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_bit_identically(tmp_path, mnist_data_dir):
   straight = subprocess.Popen(  # the uninterrupted run, beside the killed one
       command(tmp_path / "straight", mnist_data_dir, *RESUMABLE), cwd=REPO, env=environment(),
@@ -291,6 +292,7 @@ def test_killed_run_resumes_bit_identically(tmp_path, mnist_data_dir):
       strip(metrics.read(tmp_path / "straight" / "metrics.jsonl"))
 
 
+@pytest.mark.slow
 def test_sigterm_and_ctrl_c_save_the_current_step_and_exit_cleanly(tmp_path, mnist_data_dir):
   """SIGTERM (a preemption) to one run and SIGINT (Ctrl-C) to another, side by
   side, each soon after its checkpoint 50."""
@@ -341,6 +343,7 @@ def test_a_second_ctrl_c_stops_at_once_without_saving():
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
 
 
+@pytest.mark.slow
 def test_eight_devices_end_to_end_match_one(tmp_path, mnist_data_dir, smoke_run_30_steps):
   one = smoke_run_30_steps  # the same command on one device
   eight = run(tmp_path / "eight", mnist_data_dir, "--config.train.num_steps=30", devices=8)
@@ -366,6 +369,7 @@ def assert_same_run(reference, other):
   assert abs(last(reference)["accuracy"] - last(other)["accuracy"]) <= 2e-4
 
 
+@pytest.mark.slow
 def test_two_processes_via_local_launcher_match_one(tmp_path, mnist_data_dir, smoke_run_30_steps):
   env = dict(environment(devices=1), PROCESSES="2", PYTHON=sys.executable)
   result = subprocess.run(["launch/local.sh", "configs/default.py:smoke", str(tmp_path),
@@ -391,6 +395,7 @@ exit $status
 """
 
 
+@pytest.mark.slow
 def test_slurm_script_runs_a_detected_multi_process_job(tmp_path, mnist_data_dir, smoke_run_30_steps):
   fake_bin = tmp_path / "bin"
   fake_bin.mkdir()
@@ -458,6 +463,7 @@ def test_non_finite_energy_stops_and_keeps_the_last_good_checkpoint(tmp_path, mn
 # --- Real data ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_one_epoch_of_real_mnist_learns_down_the_stack_in_order(tmp_path, mnist_data_dir):
   """μPC, width 128, H = 16, the paper's recipe, one epoch of real MNIST, one
   device: at least 93 % test accuracy (the reference library: 94.0 % at H = 8).
