@@ -10,7 +10,9 @@ sys.path.insert(0, os.path.dirname(__file__))  # for the oracles module
 
 import contextlib  # noqa: E402
 import fcntl  # noqa: E402
+import json  # noqa: E402
 import pathlib  # noqa: E402
+import subprocess  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -96,11 +98,18 @@ def decoded_data_cache(tmp_path_factory):
 
 
 def _finished_run(tmp_path_factory, data_dir, name, *overrides):
+  """(workdir, the finished process) of the smoke config with ``overrides``,
+  run once per session: xdist workers take the first one's, recorded beside it."""
   from programs import run
-  workdir = tmp_path_factory.mktemp(name)
-  result = run(workdir, data_dir, *overrides)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return workdir, result
+  root = shared_folder(tmp_path_factory, name)
+  workdir, record = root / "workdir", root / "process.json"
+  with shared_lock(root):
+    if not record.exists():
+      result = run(workdir, data_dir, *overrides)
+      assert result.returncode == 0, result.stderr[-3000:]
+      record.write_text(json.dumps(dict(args=result.args, returncode=result.returncode,
+                                        stdout=result.stdout, stderr=result.stderr)))
+  return workdir, subprocess.CompletedProcess(**json.loads(record.read_text()))
 
 
 @pytest.fixture(scope="session")
