@@ -130,16 +130,3 @@ def smoke_run_30_steps(tmp_path_factory, mnist_data_dir):
   """The smoke run cut to 30 steps (one device): its workdir, to read or to copy."""
   return _finished_run(tmp_path_factory, mnist_data_dir, "smoke_run_30", "--config.train.num_steps=30")[0]
 
-
-# The test files from the longest to the shortest (seconds on one worker, measured
-# 2026-12-07). Under xdist (-n 2, --dist loadfile) each worker takes the next file
-# when it finishes one: longest first, no long file is left to run alone at the end.
-LONGEST_FIRST = ("test_inference", "test_conformance", "test_cli", "test_train", "test_gpu_suite",
-                 "test_faults", "test_docs", "test_steps", "test_transformer", "test_pc",
-                 "test_conv", "test_kernels", "test_model", "test_sweep", "test_theory",
-                 "test_diagnostics", "test_readme", "test_configuration", "test_data", "test_house")
-
-
-def pytest_collection_modifyitems(config, items):
-  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-  items.sort(key=lambda item: rank.get(item.path.stem, -1))  # stable: a file keeps its order
