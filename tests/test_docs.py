@@ -209,7 +209,7 @@ def test_every_command_shown_is_run_or_says_why_not():
   # The README's two commands, as the README gives them.
   assert ("MUPC_MNIST_DIR=../shared/data/mnist python -m mupc_flax.main "
           "--config=configs/default.py --workdir=runs/mnist") in shown
-  assert "python -m pytest -q -n 3" in shown
+  assert "python -m pytest -q -n 2" in shown
 
 
 # --- running them ------------------------------------------------------------------------
