@@ -129,4 +129,3 @@ def smoke_run(tmp_path_factory, mnist_data_dir, smoke_run_30_steps):
 def smoke_run_30_steps(tmp_path_factory, mnist_data_dir):
   """The smoke run cut to 30 steps (one device): its workdir, to read or to copy."""
   return _finished_run(tmp_path_factory, mnist_data_dir, "smoke_run_30", "--config.train.num_steps=30")[0]
-
