@@ -163,7 +163,7 @@ def oracle_method(problem, stages):
   z = start
   for _ in range(steps):
     z = jax.tree.map(lambda a, g: a - lr * g, z, jax.grad(oracle_energy, argnums=1)(net, z, x, y))
-  arrange = lambda arrays: tuple(mf.pc.layouts.arrange(a, problem.plan.per_layer) for a in arrays)
+  arrange = lambda arrays: mf.pc.layouts.arrange_each(arrays, problem.plan.per_layer)
   errors = arrange(mf.pc.deviations.start_errors(problem, z))
   return mf.pc.descent.Equilibrium(z, errors, arrange(tuple(net.phi(a) for a in z)),
                                    net.readout(net.phi(start[-1][-1])),

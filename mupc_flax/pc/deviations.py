@@ -60,7 +60,7 @@ def start(problem: Problem, stages: tuple, errors: tuple | None) -> Start:
   """The start from activities ``stages`` (per stage) with ``errors`` there
   (None: the feed-forward start)."""
   model, plan = problem.model, problem.plan
-  arrange = lambda arrays: tuple(layouts.arrange(a, plan.per_layer) for a in arrays)
+  arrange = lambda arrays: layouts.arrange_each(arrays, plan.per_layer)
   # The barrier makes XLA compute z⁰, φ(z⁰) (and, for general branches, what
   # the branches predict from them) once. Otherwise it may recompute them
   # inside the fusions that use them, rounded differently (seen: one ulp),

@@ -59,7 +59,7 @@ def infer_errors(problem: Problem, stages: tuple | None) -> Equilibrium:
   (errors, _), progress = loop(update, apply(start_errors, tx.init(start_errors), first_grad),
                                inference.steps - 1, inference.steps, progress, problem)
   stages = forward.perturbed_stages(model, x, errors, problem.plan.unrolled)
-  errors, phi = (tuple(layouts.arrange(a, problem.plan.per_layer) for a in arrays)
+  errors, phi = (layouts.arrange_each(arrays, problem.plan.per_layer)
                  for arrays in (errors, tuple(model.phi(z) for z in stages)))
   return Equilibrium(stages, errors, phi, model.readout(model.phi(start_stages[-1][-1])),
                      report(inference, progress, lr, eigenvalue))

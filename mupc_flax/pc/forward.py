@@ -70,18 +70,13 @@ def _stage(network, stage: int, z: jax.Array, weights: tuple, unrolled: bool, ke
   return jnp.concatenate([z[None], rest]) if keep_all else top
 
 
-def _default_plan(network, x):
-  return options.plan(None, network, x)
-
-
 def feedforward(network, x: jax.Array, *, unrolled: bool | None = None) -> Any:
   """The feed-forward pass: every activity at its prediction, z_ℓ = μ_ℓ, in
   the public form. ``unrolled``: one product per layer, written out (else a
   compiled loop over a stage whose weights are stacked); None: as the
   engine's default plan starts inference (so the same numbers)."""
   if unrolled is None:
-    plan = _default_plan(network, x)
-    unrolled = plan.unrolled
+    unrolled = options.plan(None, network, x).unrolled
   return public_form(network, perturbed_stages(network, x, None, unrolled))
 
 
@@ -105,7 +100,7 @@ def perturbed_stages(network, x: jax.Array, errors: tuple | None, unrolled: bool
 def predict(network, x: jax.Array) -> jax.Array:
   """The feed-forward prediction μ_L [B, C] (test time: no inference), in
   compiled loops over stacked stages unless the engine's default plan unrolls."""
-  unrolled, h = _default_plan(network, x).unroll, x
+  unrolled, h = options.plan(None, network, x).unroll, x
   for s in range(len(network.stage_layers)):
     h = network.phi(_stage(network, s, network.entry(s, h), network.residual_weights(s),
                            unrolled, False))

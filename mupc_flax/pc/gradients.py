@@ -35,8 +35,8 @@ def pc_weight_gradients(model: Network, x: jax.Array, result: InferenceResult,
     out, below = [], x
     for s, h in enumerate(phi):
       weights = network.residual_weights(s, jnp.float32)
-      if forward.is_stacked(weights):
-        weights = tuple(layouts.arrange(w, per_layer) for w in weights)
+      if layouts.is_stacked(weights):
+        weights = layouts.arrange_each(weights, per_layer)
       out.append((network.entry(s, below), network.residual_branch(s, weights, h[:-1])))
       below = h[-1]
     return tuple(out), network.readout(phi[-1][-1])

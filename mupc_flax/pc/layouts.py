@@ -16,6 +16,11 @@ def arrange(x: jax.Array, per_layer: bool):
   return tuple(x) if per_layer else x
 
 
+def arrange_each(arrays, per_layer: bool) -> tuple:
+  """``arrange`` of each [S, B, ...] array of ``arrays`` (e.g. one per stage)."""
+  return tuple(arrange(x, per_layer) for x in arrays)
+
+
 def stacked(x) -> jax.Array:
   """Either layout as one [S, B, ...] array."""
   return jnp.stack(x) if isinstance(x, tuple) else x
