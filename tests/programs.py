@@ -1,10 +1,15 @@
 """Running the command-line programs in subprocesses, and reading what they wrote."""
 
+import json
 import os
 import pathlib
+import select
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 
 import jax
@@ -29,8 +34,74 @@ def environment(devices=1):
 
 
 def run(workdir, data_dir, *overrides, devices=1, config="configs/default.py:smoke", timeout=300):
-  return subprocess.run(command(workdir, data_dir, *overrides, config=config), cwd=REPO,
-                        env=environment(devices), capture_output=True, text=True, timeout=timeout)
+  return run_program(command(workdir, data_dir, *overrides, config=config), environment(devices),
+                     timeout=timeout)
+
+
+def run_program(argv, env, cwd=REPO, timeout=300) -> subprocess.CompletedProcess:
+  """``subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True,
+  timeout=timeout)``; a ``python -m <program>`` run is a fork of a program
+  server (tests/program_server.py) that has the libraries imported already,
+  which saves starting them. Runs the server cannot stand for (another
+  interpreter, or an environment that differs in what is read at import) start
+  as processes of their own."""
+  from program_server import LATE_VARIABLES
+  key = frozenset((k, v) for k, v in env.items() if k not in LATE_VARIABLES)
+  if argv[:2] != [sys.executable, "-m"]:
+    return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+  with _IDLE_LOCK:
+    idle = _IDLE.setdefault(key, [])
+    server = idle.pop() if idle else None
+  server = server or _ProgramServer(env)
+  try:
+    return server.run(argv, env, cwd, timeout)
+  finally:
+    with _IDLE_LOCK:
+      _IDLE[key].append(server)
+
+
+_IDLE: dict[frozenset, list["_ProgramServer"]] = {}  # by environment; each serves one run at a time
+_IDLE_LOCK = threading.Lock()
+
+
+class _ProgramServer:
+  """One tests/program_server.py process; it ends when this process does
+  (its stdin closes)."""
+
+  def __init__(self, env):
+    self.process = subprocess.Popen([sys.executable, str(REPO / "tests" / "program_server.py")],
+                                    cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    self.folder = pathlib.Path(tempfile.mkdtemp(prefix="program_server_"))
+    self.pending = b""
+    assert self._message(timeout=120) == {"ready": True}
+
+  def _message(self, timeout) -> dict | None:
+    """The server's next line, or None after ``timeout`` seconds (unbuffered
+    reads: a buffered reader could hold a line that select() no longer sees)."""
+    deadline = time.monotonic() + timeout
+    while b"\n" not in self.pending:
+      remaining = deadline - time.monotonic()
+      if remaining <= 0 or not select.select([self.process.stdout], [], [], remaining)[0]:
+        return None
+      chunk = os.read(self.process.stdout.fileno(), 65536)
+      assert chunk, f"the program server ended (exit {self.process.wait()})"
+      self.pending += chunk
+    line, self.pending = self.pending.split(b"\n", 1)
+    return json.loads(line)
+
+  def run(self, argv, env, cwd, timeout) -> subprocess.CompletedProcess:
+    stdout, stderr = self.folder / "stdout", self.folder / "stderr"
+    request = dict(argv=argv[1:], env=env, cwd=str(cwd), stdout=str(stdout), stderr=str(stderr))
+    self.process.stdin.write((json.dumps(request) + "\n").encode())
+    self.process.stdin.flush()
+    pid = self._message(timeout=60)["pid"]
+    ended = self._message(timeout)
+    if ended is None:
+      os.kill(pid, signal.SIGKILL)
+      self._message(timeout=60)
+      raise subprocess.TimeoutExpired(argv, timeout, stdout.read_text(), stderr.read_text())
+    return subprocess.CompletedProcess(argv, ended["returncode"], stdout.read_text(),
+                                       stderr.read_text())
 
 
 def free_port():

@@ -23,7 +23,8 @@ import pytest
 
 import datafiles
 from mupc_flax import metrics
-from programs import REPO, RESUMABLE, checkpoint_steps, command, environment, run, wait_for
+from programs import (REPO, RESUMABLE, checkpoint_steps, command, environment, run, run_program,
+                      wait_for)
 
 SHORT = ["--config.model.width=64", "--config.model.hidden_layers=4", "--config.train.num_steps=40",
          "--config.checkpoint_every_steps=20", "--config.eval_every_steps=40",
@@ -327,8 +328,7 @@ def failures(request, tmp_path_factory):
 
     def execute(name):
       argv, setup = setups[name]
-      return subprocess.run(argv, cwd=REPO, env=dict(environment(setup.devices), **setup.env),
-                            capture_output=True, text=True, timeout=300)
+      return run_program(argv, dict(environment(setup.devices), **setup.env))
 
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
       results = dict(zip(setups, pool.map(execute, setups)))
@@ -353,15 +353,13 @@ def test_every_failure_is_one_clear_line(name, failures):
 
 
 def test_help_lists_the_variants_and_print_config_lists_the_fields():
-  helped = subprocess.run([sys.executable, "-m", "mupc_flax.main", "--help"], cwd=REPO,
-                          env=environment(), capture_output=True, text=True, timeout=120)
+  helped = run_program([sys.executable, "-m", "mupc_flax.main", "--help"], environment())
   assert "Traceback" not in helped.stderr, helped.stderr[-3000:]  # (absl's --help exits 1)
   for variant in ("smoke", "bp", "sp", "deep", "name=value", "--print_config", "~/tensorflow_datasets"):
     assert variant in helped.stdout, variant
   assert re.search(r"^  smoke: a tiny model", helped.stdout, re.M)
-  printed = subprocess.run([sys.executable, "-m", "mupc_flax.main", "--config=configs/default.py:smoke",
-                            "--print_config"], cwd=REPO, env=environment(), capture_output=True,
-                           text=True, timeout=120)
+  printed = run_program([sys.executable, "-m", "mupc_flax.main", "--config=configs/default.py:smoke",
+                         "--print_config"], environment())
   assert printed.returncode == 0, printed.stderr[-3000:]
   config = json.loads(printed.stdout)
   assert config["train"]["num_steps"] == 60 and config["model"]["width"] == 64
@@ -373,8 +371,7 @@ def test_plots_without_out_write_beside_their_input(tmp_path):
   elsewhere.mkdir()
   (run_dir / "metrics.jsonl").write_text(json.dumps(
       {"step": 10, "split": "eval", "pc_bp_cosines": [0.2, 0.6, 0.95]}) + "\n")
-  result = subprocess.run([sys.executable, "-m", "mupc_flax.plots", "cosines", str(run_dir)],
-                          cwd=elsewhere, env=dict(environment(), PYTHONPATH=str(REPO)),
-                          capture_output=True, text=True, timeout=120)
+  result = run_program([sys.executable, "-m", "mupc_flax.plots", "cosines", str(run_dir)],
+                       dict(environment(), PYTHONPATH=str(REPO)), cwd=elsewhere)
   assert result.returncode == 0, result.stderr[-3000:]
   assert (run_dir / "cosines.png").is_file() and not list(elsewhere.iterdir())

@@ -17,6 +17,7 @@ import tensorflow_datasets as tfds
 from mupc_flax import data
 from mupc_flax.data import builders, pipeline, source_files
 import datafiles
+from programs import run_program
 
 MNIST_TEST_LABEL_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 
@@ -244,9 +245,8 @@ def test_cli_prepares(tmp_path):
   """(Its errors, a missing folder among them, are test_cli's cases.)"""
   folder = tmp_path / "src"
   datafiles.write_mnist_like(folder, train=10, test=10)
-  ok = subprocess.run([sys.executable, "-m", "mupc_flax.data", "prepare", "--dataset=fashion_mnist",
-                       f"--manual_dir={folder}", f"--data_dir={tmp_path}/d"],
-                      capture_output=True, text=True)
+  ok = run_program([sys.executable, "-m", "mupc_flax.data", "prepare", "--dataset=fashion_mnist",
+                    f"--manual_dir={folder}", f"--data_dir={tmp_path}/d"], dict(os.environ))
   assert ok.returncode == 0, ok.stderr
   assert "fashion_mnist is ready" in ok.stdout
   assert data.is_prepared("fashion_mnist", tmp_path / "d")

@@ -47,7 +47,6 @@ import os
 import pathlib
 import re
 import shlex
-import subprocess
 import sys
 import ast
 
@@ -228,14 +227,9 @@ def _validate(config) -> None:
   validate(config, jax.device_count(), 1)
 
 
-def _environment():
-  from programs import environment
-  return environment()
-
-
 def _subprocess(argv, what):
-  result = subprocess.run([sys.executable, *argv], cwd=REPO, env=_environment(),
-                          capture_output=True, text=True, timeout=300)
+  from programs import environment, run_program
+  result = run_program([sys.executable, *argv], environment())
   assert result.returncode == 0, f"{what} failed:\n{result.stderr[-3000:]}"
   return result
 

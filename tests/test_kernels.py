@@ -57,13 +57,18 @@ def test_pallas_inference_equals_the_xla_path(schedule, loss, activation):
   grads_pallas, metrics_pallas = jax.jit(gradients, static_argnums=1)(model, "pallas")
   for a, b in zip(jax.tree.leaves(grads_xla), jax.tree.leaves(grads_pallas)):
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-8)
-    np.testing.assert_array_equal(b == 0, a == 0)  # the same exact zeros
+    if schedule == "wavefront":  # zeros below the front by construction; under the plain
+      np.testing.assert_array_equal(b == 0, a == 0)  # schedule a zero there is rounding's
   np.testing.assert_allclose(metrics_pallas["layer_energies"], metrics_xla["layer_energies"],
                              rtol=1e-5, atol=1e-10)
   # After T = 3 steps from the feed-forward start only layers 3…5 (of 0…5) have
-  # errors, under either schedule: the kernels into layers 1 and 2 get exactly zero.
+  # errors: the kernels into layers 1 and 2 get zero, exactly under the wavefront. Under
+  # the plain schedule the kernel recomputes those layers' predictions in its own tiling,
+  # so their errors are the rounding difference from the start's (exact zeros only where
+  # the compiler happens to round both alike, as XLA's optimised CPU build does).
   per_kernel = np.abs(np.asarray(grads_pallas["hidden"]["kernel"][...])).sum(axis=(1, 2))
-  assert (per_kernel[:2] == 0).all() and (per_kernel[2:] > 0).all()
+  below = 0.0 if schedule == "wavefront" else 1e-4 * per_kernel[2:].min()
+  assert (per_kernel[:2] <= below).all() and (per_kernel[2:] > 0).all(), per_kernel
 
   # From given activities (errors relative to a non-zero start): plain schedule only.
   if schedule == "plain":

@@ -1,8 +1,8 @@
 """Learning-rate sweeps end to end, and the figures drawn from their output."""
 
 import json
+import os
 import pathlib
-import subprocess
 import sys
 
 import numpy as np
@@ -10,18 +10,19 @@ import pytest
 
 import mupc_flax as mf
 from mupc_flax import diagnostics, metrics, plots
+from programs import run_program
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 def sweep(workdir, data_dir, *extra):
-  return subprocess.run(
+  return run_program(
       [sys.executable, "-m", "mupc_flax.sweep", "--config=configs/default.py:smoke",
        f"--workdir={workdir}", "--learning_rates=0.1,0.05", "--inference_lrs=0.5,1e9",
        f"--config.data.data_dir={data_dir}",
        "--config.train.num_steps=20", "--config.eval_every_steps=20",
        "--config.checkpoint_every_steps=20", *extra],
-      cwd=REPO, capture_output=True, text=True, timeout=600)
+      dict(os.environ), timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +74,8 @@ def test_figures_from_real_sweep_output(finished_sweep, tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   # The layer profile drawn is the run's own: one value per weight matrix (H + 1 = 5).
   assert all(len(e["weight_change"]) == 5 for e in last_eval.values())
-  cli = subprocess.run([sys.executable, "-m", "mupc_flax.plots", "sweep", str(finished_sweep)],
-                       cwd=REPO, capture_output=True, text=True, timeout=120)
+  cli = run_program([sys.executable, "-m", "mupc_flax.plots", "sweep", str(finished_sweep)],
+                    dict(os.environ))
   assert cli.returncode == 0 and (finished_sweep / "lr_transfer.png").exists()
 
 
