@@ -45,10 +45,10 @@ def run_program(argv, env, cwd=REPO, timeout=300) -> subprocess.CompletedProcess
   which saves starting them. Runs the server cannot stand for (another
   interpreter, or an environment that differs in what is read at import) start
   as processes of their own."""
-  from program_server import LATE_VARIABLES
-  key = frozenset((k, v) for k, v in env.items() if k not in LATE_VARIABLES)
   if argv[:2] != [sys.executable, "-m"]:
     return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+  from program_server import LATE_VARIABLES
+  key = frozenset((k, v) for k, v in env.items() if k not in LATE_VARIABLES)
   with _IDLE_LOCK:
     idle = _IDLE.setdefault(key, [])
     server = idle.pop() if idle else None
@@ -71,7 +71,7 @@ class _ProgramServer:
   def __init__(self, env):
     self.process = subprocess.Popen([sys.executable, str(REPO / "tests" / "program_server.py")],
                                     cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    self.folder = pathlib.Path(tempfile.mkdtemp(prefix="program_server_"))
+    self.outputs = tempfile.TemporaryDirectory(prefix="program_server_")  # removed at exit
     self.pending = b""
     assert self._message(timeout=120) == {"ready": True}
 
@@ -90,7 +90,7 @@ class _ProgramServer:
     return json.loads(line)
 
   def run(self, argv, env, cwd, timeout) -> subprocess.CompletedProcess:
-    stdout, stderr = self.folder / "stdout", self.folder / "stderr"
+    stdout, stderr = (pathlib.Path(self.outputs.name) / name for name in ("stdout", "stderr"))
     request = dict(argv=argv[1:], env=env, cwd=str(cwd), stdout=str(stdout), stderr=str(stderr))
     self.process.stdin.write((json.dumps(request) + "\n").encode())
     self.process.stdin.flush()

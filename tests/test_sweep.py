@@ -2,7 +2,6 @@
 
 import json
 import os
-import pathlib
 import sys
 
 import numpy as np
@@ -11,8 +10,6 @@ import pytest
 import mupc_flax as mf
 from mupc_flax import diagnostics, metrics, plots
 from programs import run_program
-
-REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 def sweep(workdir, data_dir, *extra):
