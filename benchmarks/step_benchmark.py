@@ -10,7 +10,9 @@ configs/mnist_conv.py on 28×28×1 images: a stride-2 stem, then 3 stages of
 C, 2C and 4C channels (14×14, 7×7, 4×4) with R residual layers each;
 vitDxK the transformer of configs/mnist_transformer.py (7×7 patches, width D,
 K blocks, 4 heads), whose inference takes the general path (``jax.grad`` of
-the energy; its FLOPs are not counted).
+the energy; its FLOPs are not counted); lmDxK the causal transformer of
+configs/shakespeare.py (windows of 64 of 84 characters, width D, K blocks,
+4 heads, cross-entropy).
 
 One step = feed-forward start + T = H inference steps + Adam update, μPC,
 ReLU, batch 64 (MUPC.md's recipe); BP and ePC (the `epc` variant: one step
@@ -53,6 +55,7 @@ import reference_pc  # noqa: E402
 from mupc_flax.networks.layers import PRECISIONS  # noqa: E402
 
 IN_FEATURES, CLASSES = 784, 10
+LM_VOCABULARY, LM_CONTEXT = 84, 64  # configs/shakespeare.py: its characters, its window
 # configs/default.py's `deep` variant at batch 64.
 DEEP_RECIPE = dict(optimizer="momentum", momentum=0.9, lr=16.0, steps_per_layer=2)
 # configs/default.py's `epc` variant at batch 64: one step on the errors.
@@ -158,15 +161,25 @@ def layer_flops(model, batch: int) -> tuple[float, list[float], float]:
           2 * batch * n * CLASSES)
 
 
-def _batch(batch: int):
+def _batch(batch: int, model=None):
+  """Images and labels, or for the language model windows of token ids and
+  the one-hot next tokens."""
   rng = np.random.default_rng(0)
+  if isinstance(model, mf.CausalTransformerPCN):
+    x = rng.integers(0, model.vocab_size, (batch, model.context + 1))
+    return (jnp.asarray(x[:, :-1], jnp.int32),
+            jnp.asarray(np.eye(model.vocab_size, dtype=np.float32)[x[:, 1:]]))
   x = rng.standard_normal((batch, IN_FEATURES)).astype(np.float32)
   y = np.eye(CLASSES, dtype=np.float32)[rng.integers(0, CLASSES, batch)]
   return jnp.asarray(x), jnp.asarray(y)
 
 
 def build(config: str, **model_options):
-  """The network of a config name: WIDTHxHIDDEN (dense), convCxR or vitDxK."""
+  """The network of a config name: WIDTHxHIDDEN (dense), convCxR, vitDxK or lmDxK."""
+  if config.startswith("lm"):
+    width, blocks = map(int, config[2:].split("x"))
+    return mf.CausalTransformerPCN(LM_VOCABULARY, LM_CONTEXT, width, blocks, rngs=nnx.Rngs(0),
+                                   **model_options)
   if config.startswith("vit"):
     width, blocks = map(int, config[3:].split("x"))
     return mf.TransformerPCN((28, 28, 1), 7, width, blocks, CLASSES, rngs=nnx.Rngs(0),
@@ -192,9 +205,10 @@ def ours(name, config, batch, mesh, *, algorithm="pc", engine=None, steps_per_la
   inference = mf.Inference(options.pop("steps", steps_per_layer * hidden), options.pop("lr", 0.5),
                            engine=mf.Engine(**(engine or {})), **options) \
       if algorithm == "pc" else None
+  language = isinstance(model, mf.CausalTransformerPCN)
   step = mf.make_train_step(model, optimizer, mesh, algorithm=algorithm, inference=inference,
-                            split=split)
-  x, y = _batch(batch)
+                            split=split, loss="ce" if language else "mse")
+  x, y = _batch(batch, model)
   state = (nnx.state(model), nnx.state(optimizer))
   start = time.perf_counter()
   compiled = [lowered.compile() for lowered in step.lower(*state, x, y)]
@@ -277,7 +291,7 @@ def main():
   rows = []
   for config in args.configs.split(","):
     config, b = config.lower(), args.batch
-    conv, dense = config.startswith("conv"), not config.startswith(("conv", "vit"))
+    conv, dense = config.startswith("conv"), not config.startswith(("conv", "vit", "lm"))
     variants = [ours("mupc_flax", config, b, mesh)]
     if not args.no_reference and dense:  # the reference design is dense only
       width, hidden = map(int, config.split("x"))

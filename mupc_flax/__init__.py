@@ -13,6 +13,7 @@ A notebook session needs only these names::
 
 from importlib import metadata as _metadata
 
+from mupc_flax.networks.causal_transformer import CausalTransformerPCN
 from mupc_flax.networks.conv import Conv, ConvResidualPCN
 from mupc_flax.networks.dense import ResidualPCN
 from mupc_flax.networks.kinds import NetworkKind
@@ -38,5 +39,5 @@ __all__ = [
     "infer", "layer_energies", "pc_gradients", "predict", "wavefront_phases",
     "global_batch", "make_mesh",
     "make_eval_step", "make_train_step",
-    "TransformerPCN",
+    "CausalTransformerPCN", "TransformerPCN",
 ]

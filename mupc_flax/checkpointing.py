@@ -191,6 +191,23 @@ class Checkpointer:
     raise WorkdirError(f"No checkpoint in {self.directory} is readable ({steps}); delete the "
                        "directory to start over.")
 
+  def restore_model(self, model_state) -> tuple[Any, int] | None:
+    """The model alone from the newest checkpoint, into the structure of
+    ``model_state``: (model_state, its step), or None if there is none.
+    Only reads: an unreadable checkpoint is a WorkdirError."""
+    step = self._manager.latest_step()
+    if step is None:
+      return None
+    self.check_compatible(step, model_state)
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, model_state)
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          model=ocp.args.StandardRestore(abstract)))
+    except Exception as e:
+      raise WorkdirError(f"Checkpoint {step} in {self.directory} is unreadable ({type(e).__name__}:"
+                         f" {str(e).splitlines()[0][:200]}).") from None
+    return restored["model"], step
+
   def _set_aside(self, steps: list[int]) -> None:
     """Moves unreadable checkpoints to ``<directory>.unreadable/`` (kept for
     inspection), so the resumed run can save those steps again."""

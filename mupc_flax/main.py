@@ -73,6 +73,11 @@ def main(argv):
     result = train.train_and_evaluate(config, workdir)
   if "preempted_at" in result:
     return
+  if "bits_per_character" in result:  # text: per character
+    logging.info("Done: test loss %.4g nats (%.4g bits) per character, accuracy %.2f %%. Metrics, "
+                 "checkpoints and config are in %s.", result["loss"],
+                 result["bits_per_character"], 100 * result["accuracy"], workdir)
+    return
   logging.info("Done: test accuracy %.2f %%, test loss %.4g. Metrics, checkpoints and config "
                "are in %s.", 100 * result["accuracy"], result["loss"], workdir)
 

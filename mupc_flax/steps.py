@@ -103,7 +103,8 @@ def make_eval_step(model: pc.Network, mesh: jax.sharding.Mesh | None = None, *,
   """Builds the jitted, data-parallel eval step (feed-forward prediction).
 
   Returns ``step(model_state, x [B, D], y [B, C], mask [B]) -> sums`` with
-  ``loss`` (summed per-sample loss), ``correct`` and ``count`` summed over the
+  ``loss`` (the per-sample loss, per token where the outputs are [B, T, C]),
+  ``correct`` (per-sample accuracy, likewise) and ``count`` summed over the
   rows where mask is 1, so padded rows of a last partial batch do not count.
   """
   mesh = mesh or sharding.make_mesh()
@@ -263,7 +264,6 @@ def _apply_update(model_def, opt_def, model_state, opt_state, grads, metrics):
 def _local_sums(model_def, loss, model_state, x, y, mask):
   """The eval sums over this device's unmasked rows, summed over devices."""
   outputs = pc.predict(nnx.merge(model_def, model_state), x)
-  correct = jnp.argmax(outputs, -1) == jnp.argmax(y, -1)
-  sums = {"loss": jnp.sum(mask * pc.loss_of(loss)(outputs, y)),
-          "correct": jnp.sum(mask * correct), "count": jnp.sum(mask)}
+  sums = {"loss": jnp.sum(mask * pc.loss_of(loss).per_token(outputs, y)),
+          "correct": jnp.sum(mask * pc.sample_accuracies(outputs, y)), "count": jnp.sum(mask)}
   return jax.lax.psum(sums, sharding.DATA_AXIS)

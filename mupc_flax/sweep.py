@@ -76,7 +76,7 @@ def run_point(name: str, config, workdir: pathlib.Path, splits=None) -> dict:
   if done.exists():
     return json.loads(done.read_text())
   try:
-    hidden_layers = kinds.hidden_layers(config.model, data.SPECS[config.data.name])
+    hidden_layers = kinds.hidden_layers(config.model, data.spec_of(config.data))
   except (ValueError, TypeError):
     hidden_layers = None  # a shape the network refuses: the run reports it
   row = {"name": name, "width": config.model.get("width"), "hidden_layers": hidden_layers,

@@ -44,8 +44,10 @@ def _check_finite(window: list[dict], first_step: int, kept_step: int | None) ->
           f"{kept}; lower train.learning_rate or inference.lr.")
 
 
-def evaluate(eval_step, model_state, split: data.Split, mesh, batch_size: int) -> dict:
-  """Loss and accuracy of the feed-forward prediction over the whole split."""
+def evaluate(eval_step, model_state, split: data.Split, mesh, batch_size: int,
+             loss: str = "mse") -> dict:
+  """Loss and accuracy of the feed-forward prediction over the whole split
+  (per character for text, and with ``loss = "ce"`` its bits per character)."""
   total = None
   for batch in data.eval_batches(split, global_batch_size=batch_size,
                                  process_index=jax.process_index(),
@@ -54,8 +56,11 @@ def evaluate(eval_step, model_state, split: data.Split, mesh, batch_size: int) -
     sums = eval_step(model_state, x, y, mask)
     total = sums if total is None else jax.tree.map(lambda a, b: a + b, total, sums)
   total = jax.device_get(total)
-  return {"loss": total["loss"] / total["count"], "accuracy": total["correct"] / total["count"],
-          "examples": total["count"]}
+  result = {"loss": total["loss"] / total["count"], "accuracy": total["correct"] / total["count"],
+            "examples": total["count"]}
+  if isinstance(split, data.TextSplit) and loss == "ce":  # the loss in nats per character
+    result["bits_per_character"] = result["loss"] / np.log(2)
+  return result
 
 
 def _layer_diagnostics(config, model: pc.Network, model_state, initial_params,
@@ -70,12 +75,12 @@ def _layer_diagnostics(config, model: pc.Network, model_state, initial_params,
   out = {"weight_change": diagnostics.relative_weight_change(model, initial_params, current)}
   if config.log_gradient_agreement and config.train.algorithm == "pc":
     rows = np.arange(min(config.train.batch_size, len(split)))
-    batch = data.pipeline.preprocess(*split.read(rows), split.spec)
+    batch = split.examples(rows)
     agreement = diagnostics.pc_bp_agreement(network, batch["x"], batch["y"],
                                             inference_of(config), loss=config.train.loss)
     out |= {"pc_bp_cosines": agreement["layer_cosines"], "reach": agreement["reach"]}
   if config.log_hessian:
-    example = data.pipeline.preprocess(*split.read(np.array([0])), split.spec)
+    example = split.examples(np.array([0]))
     spectrum = diagnostics.hessian_spectrum(network, example["x"][0], example["y"][0],
                                             loss=config.train.loss)
     out |= {"hessian_condition": spectrum["condition"], "hessian_min": spectrum["min"],
@@ -108,7 +113,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike,
                jax.process_index(), jax.process_count(), mesh.size, jax.local_device_count(), workdir)
   # The model comes first (its shapes need only the dataset's spec), so that a
   # workdir this run cannot continue is refused before the data is loaded.
-  model = build_model(config, splits[0].spec if splits else data.SPECS[config.data.name])
+  model = build_model(config, splits[0].spec if splits else data.spec_of(config.data))
   created = is_main and not workdir.exists()
   workdir.mkdir(parents=True, exist_ok=True)
   try:
@@ -221,7 +226,8 @@ def _train(config, workdir: pathlib.Path, mesh, model: pc.Network, splits) -> di
         window, clock, timed = [], time.perf_counter(), 0
         window_clock = clock
       if final or done % eval_every == 0:
-        last_eval = evaluate(eval_step, model_state, test_split, mesh, config.eval_batch_size)
+        last_eval = evaluate(eval_step, model_state, test_split, mesh, config.eval_batch_size,
+                             config.train.loss)
         last_eval |= _layer_diagnostics(config, model, model_state, initial_params, test_split)
         writer.write(done, "eval", last_eval)
         clock, timed = time.perf_counter(), 0  # evaluation time is not training throughput
@@ -236,5 +242,6 @@ def _train(config, workdir: pathlib.Path, mesh, model: pc.Network, splits) -> di
         # No evaluation: the grace period before the kill is for saving.
         return {"preempted_at": done}
     if last_eval is None:  # resumed a finished run: report its result
-      last_eval = evaluate(eval_step, model_state, test_split, mesh, config.eval_batch_size)
+      last_eval = evaluate(eval_step, model_state, test_split, mesh, config.eval_batch_size,
+                             config.train.loss)
   return last_eval

@@ -74,8 +74,13 @@ def validate_config(config, num_devices: int, num_processes: int) -> None:
     kinds.check_fields(config.model)
   except ValueError as e:
     raise TrainingError(str(e)) from None
+  if config.data.name in data.TEXT_DATASETS:
+    context = config.data.get("context")
+    if not isinstance(context, int) or isinstance(context, bool) or context < 1:
+      raise TrainingError(f"config.data.context (the characters a network sees) must be a positive "
+                          f"integer for {config.data.name}, got {context!r}.")
   # The network's own refusals, from shapes alone (no weights drawn, no data read).
-  nnx.eval_shape(lambda: build_model(config, data.SPECS[config.data.name]))
+  nnx.eval_shape(lambda: build_model(config, data.spec_of(config.data)))
   if config.data.augment and config.data.name != "cifar10":
     raise TrainingError("config.data.augment is the CIFAR-10 augmentation; set it only for cifar10.")
   for name in ("train.batch_size", "eval_batch_size"):
@@ -108,7 +113,7 @@ def build_model(config, spec: data.pipeline.DatasetSpec) -> pc.Network:
     model = kinds.build(config.model, spec, config.seed)
   except (ValueError, TypeError) as e:
     raise TrainingError(f"config.model ({config.model.kind}) cannot be built for "
-                        f"{config.data.name} ({'×'.join(map(str, spec.image_shape))} images): "
+                        f"{config.data.name} ({spec.describe()}): "
                         f"{e}") from None
   try:
     pc.plan(engine_of(config), model, jnp.zeros((1, spec.input_size)))
@@ -124,5 +129,5 @@ def load_splits(config) -> tuple[data.Split, data.Split]:
   data_dir = config.data.data_dir or data.default_data_dir()
   data.prepare(config.data.name, data_dir, manual_dir=config.data.manual_dir or None,
                url=config.data.download_url or None)
-  return tuple(data.Split(config.data.name, split, data_dir, in_memory=config.data.in_memory)
-               for split in ("train", "test"))
+  return (data.open_split(config.data, "train", data_dir, training=True),
+          data.open_split(config.data, "test", data_dir, training=False))

@@ -68,6 +68,8 @@ class Variant(NamedTuple):
 def _smoke(config, rates):
   config.model.update(kinds.get(config.model.kind).smoke)
   config.train.num_steps = SMOKE_STEPS
+  # A recipe's warm-up (e.g. 100 steps) would outlast the run.
+  config.train.warmup_steps = min(config.train.warmup_steps, SMOKE_STEPS // 6)
   config.log_every_steps = SMOKE_LOG_EVERY
   config.eval_every_steps = config.checkpoint_every_steps = SMOKE_EVAL_EVERY
 

@@ -59,6 +59,32 @@ def _config_records(workdir: pathlib.Path) -> dict[int, pathlib.Path]:
   return records
 
 
+def newest_config(workdir: pathlib.Path):
+  """The config of the newest stretch of ``workdir``'s run (an
+  ``ml_collections.ConfigDict``); UserError if it holds no run."""
+  import ml_collections  # imported where a config is read: the engine runs without it
+
+  records = _config_records(workdir)
+  if not records:
+    raise UserError(f"{workdir} holds no training run (no config.json); give the --workdir of "
+                    "one.")
+  path = records[max(records)]
+  try:
+    flat = configuration.upgrade_record(_flatten(json.loads(path.read_text())), SECTIONS)
+  except (OSError, ValueError) as e:
+    raise UserError(f"Cannot read {path} ({e}); the workdir's config record is damaged.") from None
+  config = ml_collections.ConfigDict()
+  for key, value in flat.items():
+    *sections, name = key.split(".")
+    node = config
+    for section in sections:
+      if section not in node:
+        node[section] = ml_collections.ConfigDict()
+      node = node[section]
+    node[name] = value
+  return config
+
+
 def record_config(config, workdir: pathlib.Path, start_step: int) -> None:
   """Writes this run's config, keeping the record of how each checkpoint was trained.
 

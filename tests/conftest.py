@@ -56,6 +56,24 @@ def mnist_data_dir(tmp_path_factory):
   return data_dir
 
 
+@pytest.fixture(scope="session")
+def shakespeare_data_dir(tmp_path_factory):
+  """The ``shakespeare`` dataset prepared offline from ``MUPC_SHAKESPEARE_DIR``,
+  else ../shared/data/shakespeare beside the repository (CI has it), once
+  per session."""
+  folder = os.environ.get("MUPC_SHAKESPEARE_DIR") or str(
+      pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "shakespeare")
+  if not (pathlib.Path(folder) / "shakespeare_gutenberg.tar.gz").is_file():
+    pytest.skip(f"No shakespeare_gutenberg.tar.gz in {folder}: set MUPC_SHAKESPEARE_DIR to the "
+                "folder that holds it to run the text tests.")
+  from mupc_flax import data
+  root = shared_folder(tmp_path_factory, "tfds_text_shared")
+  data_dir = root / "tfds"
+  with shared_lock(root):
+    data.prepare("shakespeare", data_dir, manual_dir=folder)
+  return data_dir
+
+
 @pytest.fixture(scope="session", autouse=True)
 def shared_compilation_cache(tmp_path_factory):
   """One persistent compilation cache for this session: the programs the tests

@@ -303,6 +303,18 @@ CASES = {
                                               r"\S+ has no sweep\.json"),
     "plots with an unknown command": Case(lambda s: _program("mupc_flax.plots", "draw", "x"),
                                           r"usage: python -m mupc_flax\.plots sweep SWEEP_DIR"),
+    "sample without a run": Case(
+        lambda s: _program("mupc_flax.sample", f"--workdir={s.folder / 'none'}"),
+        r"\S+none holds no training run \(no config\.json\); give the --workdir of one"),
+    # Text.
+    "text window of no characters": Case(
+        lambda s: s.main("--config.data.context=0", config="configs/shakespeare.py:smoke"),
+        r"config\.data\.context \(the characters a network sees\) must be a positive integer for "
+        r"shakespeare, got 0"),
+    "language network on images": Case(
+        lambda s: s.main(config="configs/default.py:kind=causal_transformer,smoke"),
+        r"config\.model \(causal_transformer\) cannot be built for mnist \(28×28×1 images\): the "
+        r"causal transformer reads text"),
 }
 
 

@@ -26,32 +26,50 @@ from programs import REPO, checkpoint_steps, load_checkpoint, run
 
 sys.path.insert(0, str(REPO))  # the example network lives outside the package
 
-# A small dataset shape every network takes: 8×8 grey images, 4 classes.
+# A small dataset shape every image network takes: 8×8 grey images, 4 classes;
+# the language network's: windows of 6 characters of a 5-character vocabulary.
 SPEC = data.pipeline.DatasetSpec((8, 8, 1), (0.0,), (1.0,), num_classes=4)
+TEXT_SPEC = data.TextSpec("\nabcd", context=6)
 B = 8
 
-# name -> (config.model fields, the config.model fields of the CLI smoke run on MNIST).
+# name -> (config.model fields, the config argument of the CLI smoke run on real data).
 NETWORKS = {
-    "dense": (dict(width=16, hidden_layers=4), dict(kind="dense")),
-    "conv": (dict(width=8, stages=2, residual_layers=1), dict(kind="conv", stem_stride=2)),
-    "transformer": (dict(width=8, blocks=1, patch_size=4, heads=2), dict(kind="transformer")),
-    "mixer": (dict(width=8, blocks=2, patch_size=4), dict(kind="examples.mixer:KIND")),
+    "dense": (dict(width=16, hidden_layers=4), "configs/default.py:kind=dense,smoke"),
+    "conv": (dict(width=8, stages=2, residual_layers=1),
+             "configs/default.py:kind=conv,stem_stride=2,smoke"),
+    "transformer": (dict(width=8, blocks=1, patch_size=4, heads=2),
+                    "configs/default.py:kind=transformer,smoke"),
+    "mixer": (dict(width=8, blocks=2, patch_size=4), "configs/default.py:kind=examples.mixer:KIND,smoke"),
+    "causal_transformer": (dict(width=8, blocks=1, heads=2), "configs/shakespeare.py:smoke"),
 }
 KIND_OF = {"dense": "dense", "conv": "conv", "transformer": "transformer",
-           "mixer": "examples.mixer:KIND"}
+           "mixer": "examples.mixer:KIND", "causal_transformer": "causal_transformer"}
 ENGINES = {"auto": mf.Engine(), "per_layer": mf.Engine(layout="per_layer"),
            "general": mf.Engine(closed_form=False)}
 
 
+def spec_of(name):
+  return TEXT_SPEC if name == "causal_transformer" else SPEC
+
+
 def build(name, seed=0, **fields):
   config = kinds.model_config(KIND_OF[name], **(NETWORKS[name][0] | fields))
-  return kinds.build(config, SPEC, seed)
+  return kinds.build(config, spec_of(name), seed)
 
 
-def batch(seed, size=B):
+def batch(name, seed, size=B):
+  """Inputs and one-hot targets of ``size`` samples for network ``name``:
+  images [size, 64] and [size, 4], or token ids [size, 6] and the one-hot
+  characters [size, 6, 5] (a target per position)."""
   rng = np.random.default_rng(seed)
-  x = rng.standard_normal((size, SPEC.input_size)).astype(np.float32)
-  return x, np.eye(SPEC.num_classes, dtype=np.float32)[rng.integers(0, SPEC.num_classes, size)]
+  spec = spec_of(name)
+  if spec is TEXT_SPEC:
+    x = rng.integers(0, spec.num_classes, (size, spec.context)).astype(np.int32)
+    labels = rng.integers(0, spec.num_classes, (size, spec.context))
+  else:
+    x = rng.standard_normal((size, spec.input_size)).astype(np.float32)
+    labels = rng.integers(0, spec.num_classes, size)
+  return x, np.eye(spec.num_classes, dtype=np.float32)[labels]
 
 
 def stages_of(z):
@@ -117,7 +135,7 @@ def test_is_a_pc_network(name):
 @pytest.mark.parametrize("loss", ["mse", "ce"])
 @pytest.mark.parametrize("name", NETWORKS)
 def test_energy_matches_the_oracle(name, loss):
-  net, (x, y) = build(name), batch(1)
+  net, (x, y) = build(name), batch(name, 1)
   z = perturbed_start(net, x, 2)
   np.testing.assert_allclose(mf.energy(net, z, x, y, loss=loss), oracle_energy(net, z, x, y, loss),
                              rtol=1e-5)
@@ -127,7 +145,7 @@ def test_energy_matches_the_oracle(name, loss):
 def test_activity_step_is_gradient_descent_on_the_oracle(name):
   """One plain step from given activities is z − β ∂F/∂z of the oracle, on
   every path: the closed form, per layer, and the general path (jax.grad of the energy)."""
-  net, (x, y) = build(name), batch(3)
+  net, (x, y) = build(name), batch(name, 3)
   z, lr = perturbed_start(net, x, 4), 0.5 * B
   grad = jax.grad(oracle_energy, argnums=1)(net, z, x, y)
   for engine in ENGINES.values():
@@ -145,7 +163,7 @@ def test_activity_step_is_gradient_descent_on_the_oracle(name):
 def test_error_steps_are_gradient_descent_on_the_oracle(name):
   """ePC: two steps on the errors from zero are ε − β ∂E/∂ε of the oracle
   energy at the oracle's error-perturbed pass; the states are that pass."""
-  net, (x, y) = build(name), batch(3)
+  net, (x, y) = build(name), batch(name, 3)
   lr = 0.5 * B
   energy = lambda eps: oracle_energy(net, oracle_perturbed_pass(net, eps, x), x, y, "ce")
   eps = jax.tree.map(jnp.zeros_like, mf.feedforward(net, x))
@@ -176,7 +194,7 @@ def test_a_new_method_is_one_table_entry(name, monkeypatch):
   ``pc_inference`` (metrics, weight gradients) like the built-in ones: the
   oracle's gradient descent gives what the states method gives."""
   monkeypatch.setitem(mf.pc.inference.METHODS, "oracle", oracle_method)
-  net, (x, y) = build(name), batch(3)
+  net, (x, y) = build(name), batch(name, 3)
   ours = mf.Inference(3, 0.5 * B, "plain")
   theirs = mf.Inference(3, 0.5 * B, "plain", method="oracle")
   # Absolute tolerances: the oracle's errors cancel to rounding where the engine's are exactly 0.
@@ -204,7 +222,7 @@ def parameter_cosines(a, b):
 def test_errors_after_one_small_step_learn_in_bps_directions(name):
   """ePC's first step carries BP's activity gradient to every layer at once,
   so the local weight gradient there is BP's, matrix by matrix."""
-  net, (x, y) = build(name), batch(8)
+  net, (x, y) = build(name), batch(name, 8)
   pc_grads, _ = mf.pc_gradients(net, x, y, mf.Inference(1, 1e-3 * B, method="errors"), loss="ce")
   bp_grads, _ = mf.bp_gradients(net, x, y, loss="ce")
   cosines = parameter_cosines(pc_grads, bp_grads)
@@ -213,7 +231,7 @@ def test_errors_after_one_small_step_learn_in_bps_directions(name):
 
 @pytest.mark.parametrize("name", NETWORKS)
 def test_weight_gradients_are_the_oracles_at_the_end_of_inference(name):
-  net, (x, y) = build(name), batch(5)
+  net, (x, y) = build(name), batch(name, 5)
   # State PC; with a weak output term γ (the gradient then divided by γ); ePC.
   for inference, gamma in [(mf.Inference(3, 0.5 * B), 1.0),
                            (mf.Inference(3, 0.5 * B, output_precision=0.25), 0.25),
@@ -232,7 +250,7 @@ def test_wavefront_equals_plain_and_keeps_zeros_below_the_front(name):
   """Gradient descent on every network; every other optimiser, in both layouts,
   on the dense one in test_inference.py (the front is the network's, the
   optimiser acts on whatever tree of activities it is given)."""
-  net, (x, y) = build(name), batch(6)
+  net, (x, y) = build(name), batch(name, 6)
   hidden = mf.pc.hidden_layers(net)
   layers = lambda z: [np.asarray(layer) for stage in stages_of(z) for layer in stage]
   z0 = layers(mf.feedforward(net, x))
@@ -265,7 +283,7 @@ def test_eight_devices_match_one(name, method):
                               inference=inference)
     state = (nnx.state(net), nnx.state(optimizer))
     for i in range(2):
-      *state, step_metrics = step(*state, *batch(10 + i, size=16))
+      *state, step_metrics = step(*state, *batch(name, 10 + i, size=16))
     results.append((jax.tree.map(np.asarray, state[0]), jax.tree.map(np.asarray, step_metrics)))
   (one, m1), (eight, m8) = results
   initial = jax.tree.leaves(nnx.state(build(name), nnx.Param))
@@ -279,10 +297,10 @@ def test_eight_devices_match_one(name, method):
 def test_coordinate_check_is_flat_in_width_under_mupc(name):
   """After three μPC training steps every layer's activity RMS stays within a
   factor 2 when the width grows 4×."""
-  x, y = batch(7, size=16)
+  x, y = batch(name, 7, size=16)
   width = NETWORKS[name][0]["width"]
   make = lambda width, parameterization, rngs: kinds.get(KIND_OF[name]).make(
-      SPEC, rngs=rngs, **(NETWORKS[name][0] | dict(width=width, parameterization=parameterization)))
+      spec_of(name), rngs=rngs, **(NETWORKS[name][0] | dict(width=width, parameterization=parameterization)))
   rms = diagnostics.coordinate_check(make, (width, 4 * width), x, y, parameterization="mupc",
                                      steps=3)
   ratio = rms[4 * width][-1] / rms[width][-1]
@@ -299,8 +317,7 @@ def _train_and_resume(name, folder, data_dir):
   """The first run into ``folder/run``; its final checkpoint moved aside to
   ``folder/first`` (as though deleted); the rerun. (first, its checkpoint
   steps, rerun): completed processes, read by the test."""
-  smoke = ",".join(f"{k}={v}" for k, v in NETWORKS[name][1].items())
-  config = f"configs/default.py:{smoke},smoke"
+  config = NETWORKS[name][1]
   workdir = folder / "run"
   first = run(workdir, data_dir, *CLI_FLAGS, config=config)
   steps = checkpoint_steps(workdir)
@@ -312,12 +329,14 @@ def _train_and_resume(name, folder, data_dir):
 
 
 @pytest.fixture(scope="module")
-def cli_runs(tmp_path_factory, mnist_data_dir):
+def cli_runs(tmp_path_factory, mnist_data_dir, shakespeare_data_dir):
   """Every network's pair of program runs, two networks at a time (each run
-  keeps about one core busy): name -> (folder, first, its checkpoint steps, rerun)."""
+  keeps about one core busy), on MNIST or Shakespeare: name -> (folder,
+  first, its checkpoint steps, rerun)."""
   folders = {name: tmp_path_factory.mktemp(f"cli_{name}") for name in NETWORKS}
+  data_dir = lambda name: shakespeare_data_dir if spec_of(name) is TEXT_SPEC else mnist_data_dir
   with concurrent.futures.ThreadPoolExecutor(2) as pool:
-    futures = {name: pool.submit(_train_and_resume, name, folder, mnist_data_dir)
+    futures = {name: pool.submit(_train_and_resume, name, folder, data_dir(name))
                for name, folder in folders.items()}
     return {name: (folders[name], *future.result()) for name, future in futures.items()}
 
@@ -339,5 +358,8 @@ def test_cli_trains_and_resumes_bit_identically(name, cli_runs):
     np.testing.assert_array_equal(resumed[key], final[key], err_msg=key)
   records = metrics.read(workdir / "metrics.jsonl")
   evals = [r for r in records if r["split"] == "eval"]
-  assert evals[-1]["examples"] == 10_000 and evals[-1]["accuracy"] > 0.15  # chance: 0.1
+  if spec_of(name) is TEXT_SPEC:  # 2,048 test windows; μPC starts at the uniform guess, ln 84 nats
+    assert evals[-1]["examples"] == 2048 and evals[-1]["loss"] < np.log(84) - 0.05, evals[-1]
+  else:
+    assert evals[-1]["examples"] == 10_000 and evals[-1]["accuracy"] > 0.15  # chance: 0.1
   assert max(evals[-1]["weight_change"]) > 0  # the diagnostics see every network's weights

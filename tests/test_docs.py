@@ -12,30 +12,32 @@ are not meant to be run as written go in ```text or ```console blocks.
   has no ':'), ["a.b=v", …, "train.num_steps=2"])``, sets
   ``eval_every_steps = 0`` (evaluate once, at the end; a warm-up is cut to
   1 step) and validates it as the program does, before any compute. The first
-  command of each network kind (dense, conv, transformer, the mixer) on an
-  offline dataset (MNIST, ``mnist_data_dir``) then trains in this process
+  command on each offline dataset (MNIST, ``mnist_data_dir``: the README's;
+  Shakespeare, ``shakespeare_data_dir``) then trains in this process
   (``mupc_flax.train.train_and_evaluate``); the others are only validated:
-  training each would cost about 20 s of compiling here, over ten times
-  the budget. Configs on datasets not available offline (cifar10,
+  training each would cost about 20 s of compiling here, and
+  tests/test_conformance.py trains every network kind from the command line. Configs on datasets not available offline (cifar10,
   fashion_mnist) are only validated. ``--print_config`` only loads. A later
-  command's workdir stands for its kind's trained run.
+  command's workdir stands for its dataset's trained run.
 - ``mupc_flax.sweep``: the first one runs in a subprocess with the first
   value of each of its lists, one worker, the smoke variant and 2 steps per
   point; the others' configs are loaded and validated.
 - ``mupc_flax.plots`` runs in a subprocess on the workdirs the commands
   before it wrote (each workdir a command names stands for its run here).
 - ``mupc_flax.data prepare`` runs in a subprocess on the offline MNIST files
-  (``$MUPC_MNIST_DIR``) into the prepared data directory, which it finds
-  prepared.
+  (``$MUPC_MNIST_DIR``) or the Shakespeare archive into the prepared data
+  directory, which it finds prepared.
+- ``mupc_flax.sample`` runs in a subprocess on the trained run its
+  ``--workdir`` stands for, 20 characters.
 
 docs/results.md and docs/benchmarks.md are records of measured runs: their
 ``python -m mupc_flax.main`` and ``mupc_flax.sweep`` configs are only loaded
 and validated (most are GPU-sized), and their other lines (the studies,
 timing scripts, shell loops) are not checked.
 
-Cost, measured on a 2-core machine shared with other jobs: about 100 s for the
-main commands (four trainings, about 20 s each, and the rest validated);
-the sweep, plots and data subprocesses add about 30 s.
+Cost, measured on a 2-core machine shared with other jobs: about 50 s for the
+main commands (two trainings, about 20 s each, and the rest validated);
+the sweep, plots, data and sample subprocesses add about 40 s.
 """
 
 import dataclasses
@@ -56,7 +58,8 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
 RECORDS = ("results.md", "benchmarks.md")  # docs/ pages that record measured runs
 GUIDES = sorted(p for p in (REPO / "docs").glob("*.md") if p.name not in RECORDS)
-OFFLINE_DATASETS = ("mnist",)  # what the tests have files for (MUPC_MNIST_DIR)
+# What the tests have files for: MUPC_MNIST_DIR, and MUPC_SHAKESPEARE_DIR (or ../shared).
+OFFLINE_DATASETS = ("mnist", "shakespeare")
 
 # Command prefixes the guide pages show but this test does not run, and why.
 NOT_RUN = {
@@ -237,10 +240,11 @@ def _subprocess(argv, what):
 class Runs:
   """The workdirs the commands name, each mapped to where its run went here."""
 
-  def __init__(self, tmp_path, data_dir):
-    self.tmp_path, self.data_dir = tmp_path, data_dir
+  def __init__(self, tmp_path, data_dirs: dict):
+    self.tmp_path, self.data_dirs = tmp_path, data_dirs  # dataset name -> its data directory
+    self.data_dir = data_dirs["mnist"]
     self.workdirs: dict[str, pathlib.Path] = {}
-    self.trained_kinds: dict[str, pathlib.Path] = {}  # network kind -> its trained run
+    self.trained: dict[str, pathlib.Path] = {}  # dataset -> its trained run
     self.sweep: pathlib.Path | None = None
     self.validated = 0
 
@@ -259,23 +263,23 @@ def run_main(command: Command, runs: Runs) -> None:
   named, overrides, _ = flags(command)
   config = configuration.load(smoke(named["config"]), [*overrides, "train.num_steps=2"])
   config.eval_every_steps = 0  # once, at the end
-  config.data.data_dir = str(runs.data_dir)
+  config.data.data_dir = str(runs.data_dirs.get(config.data.name, runs.data_dir))
   if "print_config" in named:
     return
   if config.train.warmup_steps >= 2:  # a warm-up longer than the run is refused
     config.train.warmup_steps = 1
   _validate(config)
-  kind = config.model.kind
-  if kind not in runs.trained_kinds and config.data.name in OFFLINE_DATASETS:
+  dataset = config.data.name
+  if dataset not in runs.trained and dataset in OFFLINE_DATASETS:
     workdir = runs.folder(named["workdir"])
     result = train.train_and_evaluate(config, workdir)
     assert "accuracy" in result, f"{command}: {result}"
-    runs.trained_kinds[kind] = workdir
+    runs.trained[dataset] = workdir
   else:
     runs.validated += 1
-  # A later command's workdir stands for the run of its network kind (for plots).
-  if kind in runs.trained_kinds:
-    runs.workdirs[named["workdir"]] = runs.trained_kinds[kind]
+  # A later command's workdir stands for the trained run of its dataset (for plots, sample).
+  if dataset in runs.trained:
+    runs.workdirs[named["workdir"]] = runs.trained[dataset]
 
 
 def run_sweep(command: Command, runs: Runs) -> None:
@@ -310,22 +314,38 @@ def run_plots(command: Command, runs: Runs) -> None:
 
 def run_data(command: Command, runs: Runs) -> None:
   named, _, positional = flags(command)
-  assert positional == ["prepare"] and named["dataset"] in OFFLINE_DATASETS, command
-  _subprocess(["-m", "mupc_flax.data", "prepare", f"--dataset={named['dataset']}",
-               f"--manual_dir={os.environ['MUPC_MNIST_DIR']}", f"--data_dir={runs.data_dir}"],
+  dataset = named["dataset"]
+  assert positional == ["prepare"] and dataset in OFFLINE_DATASETS, command
+  manual_dir = (os.environ["MUPC_MNIST_DIR"] if dataset == "mnist" else
+                os.environ.get("MUPC_SHAKESPEARE_DIR") or REPO.parent / "shared/data/shakespeare")
+  _subprocess(["-m", "mupc_flax.data", "prepare", f"--dataset={dataset}",
+               f"--manual_dir={manual_dir}", f"--data_dir={runs.data_dirs[dataset]}"],
               str(command))
 
 
+def run_sample(command: Command, runs: Runs) -> None:
+  """On the run its --workdir stands for, 20 characters (whatever --length says)."""
+  named, _, positional = flags(command)
+  assert not positional, command
+  argv = ["-m", "mupc_flax.sample", f"--workdir={runs.workdir(named['workdir'])}",
+          "--length=20"] + [f"--{k}={v}" for k, v in named.items() if k not in ("workdir", "length")]
+  printed = _subprocess(argv, str(command)).stdout
+  assert printed.startswith(named.get("prompt", "\n")), printed
+
+
 RUNNERS = {"mupc_flax.main": run_main, "mupc_flax.sweep": run_sweep,
-           "mupc_flax.plots": run_plots, "mupc_flax.data": run_data}
+           "mupc_flax.plots": run_plots, "mupc_flax.data": run_data,
+           "mupc_flax.sample": run_sample}
 
 
-def test_every_guide_command_runs_at_smoke_size(tmp_path, mnist_data_dir, monkeypatch):
+def test_every_guide_command_runs_at_smoke_size(tmp_path, mnist_data_dir, shakespeare_data_dir,
+                                                 monkeypatch):
   monkeypatch.chdir(REPO)  # the commands' paths are relative to the project root
   pytest.importorskip("mupc_flax.configuration", reason="the config loader of the new layout "
                       "(mupc_flax.configuration.load) is not in this checkout yet")
-  runs = Runs(tmp_path, mnist_data_dir)
-  order = ["mupc_flax.main", "mupc_flax.data", "mupc_flax.sweep", "mupc_flax.plots"]
+  runs = Runs(tmp_path, {"mnist": mnist_data_dir, "shakespeare": shakespeare_data_dir})
+  order = ["mupc_flax.main", "mupc_flax.data", "mupc_flax.sweep", "mupc_flax.plots",
+           "mupc_flax.sample"]
   todo = sorted((c for c in guide_commands() if c.program),
                 key=lambda c: order.index(c.program))  # stable: page order within a program
   for command in todo:
@@ -333,7 +353,7 @@ def test_every_guide_command_runs_at_smoke_size(tmp_path, mnist_data_dir, monkey
       RUNNERS[command.program](command, runs)
     except Exception as e:
       raise AssertionError(f"{command.page}: {command}\n{type(e).__name__}: {e}") from e
-  print(f"{len(todo)} commands: {len(runs.trained_kinds)} trainings, {runs.validated} configs "
+  print(f"{len(todo)} commands: {len(runs.trained)} trainings, {runs.validated} configs "
         "validated only")
 
 

@@ -1,4 +1,6 @@
-"""TensorFlow-free preparation of mnist, fashion_mnist and cifar10 as TFDS datasets.
+"""TensorFlow-free preparation of the datasets as TFDS datasets: the images
+(mnist, fashion_mnist, cifar10) here, the texts (shakespeare,
+tiny_shakespeare) in ``text``.
 
 tfds' own builders for these need TensorFlow to prepare. The builders here
 subclass them (same name, version, features and record keys, hence the same
@@ -30,6 +32,7 @@ from absl import logging
 from tensorflow_datasets.image_classification import cifar as tfds_cifar
 from tensorflow_datasets.image_classification import mnist as tfds_mnist
 
+from mupc_flax.data import text
 from mupc_flax.data.source_files import (CIFAR10_ARCHIVE, CIFAR10_FOLDER, DataError, png, read_cifar10,
                                          read_idx_split)
 from mupc_flax.errors import check_writable_dir
@@ -80,6 +83,19 @@ SOURCES: dict[str, Source] = {
         url="https://www.cs.toronto.edu/~kriz/",
         sha256={CIFAR10_ARCHIVE: "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce"},
         env_var="MUPC_CIFAR10_DIR",
+    ),
+    # The offline archive only (../shared/data/shakespeare): there is no official download.
+    "shakespeare": Source(
+        url="",
+        sha256={text.SHAKESPEARE_ARCHIVE:
+                "ea55d2777fa227ec6daffd7196455aedd1aaf48edbdafd6ae94bfc1c82dd77e3"},
+        env_var="MUPC_SHAKESPEARE_DIR",
+    ),
+    "tiny_shakespeare": Source(
+        url="https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/",
+        sha256={text.TINY_SHAKESPEARE_FILE:
+                "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"},
+        env_var="MUPC_TINY_SHAKESPEARE_DIR",
     ),
 }
 """Each dataset's official download location, published SHA-256 checksums and the
@@ -136,7 +152,7 @@ class Cifar10(tfds_cifar.Cifar10, skip_registration=True):
       yield index, {"id": f"{prefix}{index:05d}", "image": png(image), "label": int(label)}
 
 
-BUILDERS = {"mnist": MNIST, "fashion_mnist": FashionMNIST, "cifar10": Cifar10}
+BUILDERS = {"mnist": MNIST, "fashion_mnist": FashionMNIST, "cifar10": Cifar10} | text.BUILDERS
 
 
 # --- Preparation --------------------------------------------------------------
@@ -191,6 +207,9 @@ def download(name: str, folder: pathlib.Path, url: str | None = None, timeout: f
   """Downloads the official files of ``name`` into ``folder``, checking SHA-256."""
   source = SOURCES[name]
   base = url or source.url
+  if not base:
+    raise DataError(f"{name} has no download: give the folder that holds {_required_files(name)} "
+                    f"as --manual_dir (config.data.manual_dir) or set {source.env_var}.")
   for file_name, expected in source.sha256.items():
     target = folder / file_name
     address = base.rstrip("/") + "/" + file_name
@@ -215,7 +234,8 @@ def prepare(name: str, data_dir: str | os.PathLike, *, manual_dir: str | os.Path
   """Prepares dataset ``name`` in ``data_dir`` unless it is there already.
 
   Args:
-    name: "mnist", "fashion_mnist" or "cifar10".
+    name: a key of ``SOURCES`` (mnist, fashion_mnist, cifar10, shakespeare,
+      tiny_shakespeare).
     data_dir: the TFDS data directory.
     manual_dir: a folder with the official source files; default the
       dataset's environment variable, else download.

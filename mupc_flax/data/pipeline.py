@@ -10,6 +10,9 @@ is a grain state, saved in checkpoints with ``grain.checkpoint``.
 Batches are dicts of NumPy arrays: ``x`` [b, H·W·C] float32 (normalised,
 flattened), ``y`` [b, 10] float32 (one-hot) and, for evaluation, ``mask`` [b]
 float32 (1 for real examples, 0 for padding). b is the per-process batch.
+A text split (``text.TextSplit``) gives windows instead: ``x`` [b, T] int32
+token ids and ``y`` [b, T, V] one-hot next characters; the pipelines read
+any split through its ``examples(indices)`` and ``len``.
 
 A split read into memory is decoded once per machine: the arrays are kept in
 ``cache_dir()`` under a key of the prepared files' names, sizes and times, so
@@ -32,7 +35,7 @@ import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
-from mupc_flax.data import builders
+from mupc_flax.data import builders, text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +50,9 @@ class DatasetSpec:
   @property
   def input_size(self) -> int:
     return math.prod(self.image_shape)
+
+  def describe(self) -> str:
+    return f"{'×'.join(map(str, self.image_shape))} images"
 
 
 _FOREVER = 2**62  # batches; grain's range dataset is lazy
@@ -102,6 +108,15 @@ class Split:
     if self._arrays is not None:
       return self._arrays[0][indices], self._arrays[1][indices]
     return self._decode(np.asarray(indices))
+
+  def examples(self, indices: np.ndarray, augment_rng: np.random.Generator | None = None
+               ) -> dict[str, np.ndarray]:
+    """The preprocessed examples at ``indices`` (``preprocess``), augmented
+    for CIFAR-10 training (``augment_cifar``) when given a generator."""
+    images, labels = self.read(indices)
+    if augment_rng is not None:
+      images = augment_cifar(images, augment_rng)
+    return preprocess(images, labels, self.spec)
 
 
 def cache_dir() -> pathlib.Path:
@@ -208,7 +223,7 @@ def _local_rows(global_batch_size: int, process_index: int, process_count: int) 
   return slice(process_index * local, (process_index + 1) * local)
 
 
-def train_dataset(split: Split, *, global_batch_size: int, seed: int, num_batches: int | None = None,
+def train_dataset(split: "Split | text.TextSplit", *, global_batch_size: int, seed: int, num_batches: int | None = None,
                   augment: bool = False, process_index: int = 0, process_count: int = 1,
                   prefetch: int = 2) -> grain.IterDataset:
   """Shuffled training batches for this process, reshuffled every epoch.
@@ -229,10 +244,9 @@ def train_dataset(split: Split, *, global_batch_size: int, seed: int, num_batche
     indices = np.empty(len(positions), np.int64)
     for epoch in np.unique(epochs):
       indices[epochs == epoch] = permutation(int(epoch))[offsets[epochs == epoch]]
-    images, labels = split.read(indices)
-    if augment:  # A generator per batch (and process): reproducible after a restore.
-      images = augment_cifar(images, np.random.default_rng([seed, batch_index, process_index, 1]))
-    return preprocess(images, labels, split.spec)
+    # A generator per batch (and process): reproducible after a restore.
+    return split.examples(indices, np.random.default_rng([seed, batch_index, process_index, 1])
+                          if augment else None)
 
   ds = grain.MapDataset.range(num_batches if num_batches is not None else _FOREVER).map(load)
   # A background thread prepares the next batches while the device computes.
@@ -245,7 +259,7 @@ def num_eval_batches(split: Split, global_batch_size: int) -> int:
   return math.ceil(len(split) / global_batch_size)
 
 
-def eval_batches(split: Split, *, global_batch_size: int, process_index: int = 0,
+def eval_batches(split: "Split | text.TextSplit", *, global_batch_size: int, process_index: int = 0,
                  process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
   """Every example of the split exactly once, in order.
 
@@ -257,7 +271,7 @@ def eval_batches(split: Split, *, global_batch_size: int, process_index: int = 0
   def load(batch_index):
     positions = np.arange(batch_index * global_batch_size, (batch_index + 1) * global_batch_size)[rows]
     real = positions < len(split)
-    batch = preprocess(*split.read(np.where(real, positions, 0)), split.spec)
+    batch = split.examples(np.where(real, positions, 0))
     batch["mask"] = real.astype(np.float32)
     return batch
 

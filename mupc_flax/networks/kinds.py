@@ -23,7 +23,8 @@ if TYPE_CHECKING:  # imported where a config is made: the engine runs without ml
 
 # The built-in kinds, each the ``KIND`` of its module.
 BUILT_IN = {"dense": "mupc_flax.networks.dense", "conv": "mupc_flax.networks.conv",
-            "transformer": "mupc_flax.networks.transformer"}
+            "transformer": "mupc_flax.networks.transformer",
+            "causal_transformer": "mupc_flax.networks.causal_transformer"}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -60,7 +60,8 @@ class PCNetwork(Protocol):
       ``h``: an array [S, B, ...] (S layers) or a tuple of S arrays [B, ...];
       returns the same form.
     readout: ``readout(h)``, the output prediction [B, C] from φ of the top
-      activity.
+      activity, or [B, ..., C] (e.g. [B, T, C], one per token): the output
+      energy sums the loss over a sample's positions.
   """
 
   stage_layers: tuple[int, ...]

@@ -71,6 +71,12 @@ class BlockLayer(NamedTuple):
 PC_LAYERS = ("sublayer", "block")
 
 
+def check_positive_integers(network: str, **values) -> None:
+  for name, value in values.items():
+    if not isinstance(value, int) or value < 1:
+      raise ValueError(f"{network} needs {name} to be a positive integer, got {value!r}.")
+
+
 def layer_norm(z: jax.Array, epsilon: float = 1e-6) -> jax.Array:
   """Normalises the last axis to zero mean and unit variance (no parameters)."""
   mean = jnp.mean(z, axis=-1, keepdims=True)
@@ -100,29 +106,45 @@ class TransformerPCN(nnx.Module):
     rngs: supplies the ``params`` key.
   """
 
+  causal = False  # attention over every token (the language network's is causal)
+
   def __init__(self, image_shape: Sequence[int], patch_size: int, width: int, blocks: int,
                out_features: int, *, heads: int = 4, mlp_ratio: int = 4,
                activation: str = "gelu", parameterization: str = "mupc",
                depth_exponent: float = parameterization_lib.DEPTH_EXPONENT,
                precision: str = "float32", pc_layer: str = "sublayer", layer_norm: bool = True,
                rngs: nnx.Rngs):
+    if len(image_shape) != 3 or not all(isinstance(v, int) and v > 0 for v in image_shape):
+      raise ValueError(f"TransformerPCN needs image_shape (H, W, C) of positive integers, got "
+                       f"{image_shape!r}.")
+    check_positive_integers("TransformerPCN", patch_size=patch_size)
+    if image_shape[0] % patch_size or image_shape[1] % patch_size:
+      raise ValueError(f"The image sides {tuple(image_shape[:2])} must be multiples of the patch "
+                       f"size {patch_size}.")
+    self.image_shape = tuple(image_shape)
+    self.patch_size = patch_size
+    tokens = (image_shape[0] // patch_size) * (image_shape[1] // patch_size)
+    self._build(patch_size * patch_size * image_shape[2] + tokens, width, blocks, out_features,
+                heads=heads, mlp_ratio=mlp_ratio, activation=activation,
+                parameterization=parameterization, depth_exponent=depth_exponent,
+                precision=precision, pc_layer=pc_layer, layer_norm=layer_norm, rngs=rngs)
+
+  def _build(self, entry_features: int, width: int, blocks: int, out_features: int, *,
+             heads: int, mlp_ratio: int, activation: str, parameterization: str,
+             depth_exponent: float, precision: str, pc_layer: str, layer_norm: bool,
+             rngs: nnx.Rngs) -> None:
+    """Checks the shared fields and draws the layers: the entry from
+    ``entry_features`` inputs per token, the blocks, the head."""
+    name = type(self).__name__
     if pc_layer not in PC_LAYERS:
       raise ValueError(f"pc_layer must be 'sublayer' (a PC layer per attention and per MLP) or "
                        f"'block' (one per block), got {pc_layer!r}.")
     if not isinstance(layer_norm, bool):
       raise ValueError(f"layer_norm must be true or false, got {layer_norm!r}.")
-    if len(image_shape) != 3 or not all(isinstance(v, int) and v > 0 for v in image_shape):
-      raise ValueError(f"TransformerPCN needs image_shape (H, W, C) of positive integers, got "
-                       f"{image_shape!r}.")
-    for name, value in [("patch_size", patch_size), ("width", width), ("heads", heads),
-                        ("mlp_ratio", mlp_ratio), ("out_features", out_features)]:
-      if not isinstance(value, int) or value < 1:
-        raise ValueError(f"TransformerPCN needs {name} to be a positive integer, got {value!r}.")
+    check_positive_integers(name, width=width, heads=heads, mlp_ratio=mlp_ratio,
+                    out_features=out_features)
     if not isinstance(blocks, int) or blocks < 0:
-      raise ValueError(f"TransformerPCN needs a non-negative number of blocks, got {blocks!r}.")
-    if image_shape[0] % patch_size or image_shape[1] % patch_size:
-      raise ValueError(f"The image sides {tuple(image_shape[:2])} must be multiples of the patch "
-                       f"size {patch_size}.")
+      raise ValueError(f"{name} needs a non-negative number of blocks, got {blocks!r}.")
     if width % heads:
       raise ValueError(f"The width {width} must be a multiple of the number of heads {heads}.")
     check_options(activation, precision)
@@ -133,19 +155,15 @@ class TransformerPCN(nnx.Module):
     num_layers = (2 * blocks if pc_layer == "sublayer" else blocks) + 2
     self.pc_layer = pc_layer
     self.layer_norm = layer_norm
-    self.image_shape = tuple(image_shape)
-    self.patch_size = patch_size
     self.heads = heads
     self.activation = activation
     self.parameterization = parameterization
     self.depth_exponent = depth_exponent
     self.precision = precision
-    tokens = (image_shape[0] // patch_size) * (image_shape[1] // patch_size)
-    patch = patch_size * patch_size * image_shape[2]
     layer = lambda role, fan_in, out, stack=None: Dense(
         fan_in, out, rngs=rngs, stack=stack, precision=precision,
         **p.layer_options(role, fan_in, out, num_layers, depth_exponent))
-    self.embed = layer("entry", patch + tokens, d)
+    self.embed = layer("entry", entry_features, d)
     self.attention_qkv = layer("inner", d, 3 * d, blocks)
     self.attention_out = layer("residual", d, d, blocks)
     self.mlp_up = layer("inner", d, hidden, blocks)
@@ -238,6 +256,8 @@ class TransformerPCN(nnx.Module):
     q, k, v = jnp.split(qkv.reshape(batch, tokens, 3 * self.heads, width // self.heads), 3, axis=2)
     logits = self.logit_scale[...] * jnp.einsum("bqhc,bkhc->bhqk", q, k, precision=precision,
                                                 preferred_element_type=jnp.float32)
+    if self.causal:  # a token attends to itself and the tokens before it
+      logits = jnp.where(jnp.tril(jnp.ones((tokens, tokens), bool)), logits, -jnp.inf)
     mixed = jnp.einsum("bhqk,bkhc->bqhc", jax.nn.softmax(logits, axis=-1), v, precision=precision,
                        preferred_element_type=jnp.float32)
     return layer.outer * matmul(mixed.reshape(batch, tokens, width), layer.out, self.precision)

@@ -27,7 +27,7 @@ feed-forward start (the paper: T steps of z ← z − β ∂F/∂z); learning ta
 
 from mupc_flax.pc.energy import (CROSS_ENTROPY, LOSSES, MSE, Loss, Network, OutputLoss,
                                  count_correct, energy, energy_gradients, energy_terms,
-                                 layer_energies, loss_of)
+                                 layer_energies, loss_of, sample_accuracies)
 from mupc_flax.pc.forward import feedforward, hidden_layers, predict
 from mupc_flax.pc.gradients import bp_gradients, pc_gradients, pc_weight_gradients
 from mupc_flax.pc.descent import Equilibrium, InferenceMethod, Problem
@@ -36,7 +36,7 @@ from mupc_flax.pc.inference import (METHODS, Inference, InferenceResult, Optimiz
 from mupc_flax.pc.options import Engine, Plan, plan
 
 __all__ = [
-    "CROSS_ENTROPY", "LOSSES", "MSE", "Loss", "Network", "OutputLoss", "count_correct", "energy",
+    "CROSS_ENTROPY", "LOSSES", "MSE", "Loss", "Network", "OutputLoss", "count_correct", "sample_accuracies", "energy",
     "energy_gradients", "energy_terms", "layer_energies", "loss_of", "feedforward", "hidden_layers", "predict", "bp_gradients", "pc_gradients",
     "pc_weight_gradients", "Equilibrium", "InferenceMethod", "Problem", "METHODS", "Inference", "InferenceResult", "Optimizer", "Schedule", "infer",
     "pc_inference", "wavefront_phases", "Engine", "Plan", "plan",

@@ -36,18 +36,27 @@ class OutputLoss:
 
   Attributes:
     name: what configs call it ("mse", "ce").
-    per_sample: (outputs μ_L [B, C], targets y [B, C]) -> ℓ_out [B].
+    per_sample: (outputs μ_L [B, ..., C], targets y [B, ..., C]) -> ℓ_out
+      [B, ...]: one value per output vector, so per token where a network
+      outputs [B, T, C]. The energy sums them over a sample's positions.
   """
 
   name: str
   per_sample: Callable[[jax.Array, jax.Array], jax.Array]
 
   def __call__(self, outputs: jax.Array, y: jax.Array) -> jax.Array:
-    """ℓ_out of each sample [B]."""
-    return self.per_sample(outputs, y)
+    """ℓ_out of each sample [B]: the sum over its positions where outputs are [B, T, C]."""
+    per_position = self.per_sample(outputs, y)
+    return jnp.sum(per_position.reshape(per_position.shape[0], -1), axis=1)
+
+  def per_token(self, outputs: jax.Array, y: jax.Array) -> jax.Array:
+    """ℓ_out of each sample per output vector [B]: the mean over its positions
+    (the loss per token that language models report; ℓ_out itself for [B, C])."""
+    per_position = self.per_sample(outputs, y)
+    return jnp.mean(per_position.reshape(per_position.shape[0], -1), axis=1)
 
   def error(self, outputs: jax.Array, y: jax.Array) -> jax.Array:
-    """The output error ε = −∂ℓ_out/∂μ_L [B, C] (``jax.grad`` of ``per_sample``)."""
+    """The output error ε = −∂ℓ_out/∂μ_L, shaped as the outputs (``jax.grad`` of ``per_sample``)."""
     return -jax.grad(lambda o: jnp.sum(self.per_sample(o, y)))(outputs)
 
   def weighted(self, precision: float) -> "OutputLoss":
@@ -81,9 +90,17 @@ def loss_of(loss: Loss) -> OutputLoss:
   return LOSSES[loss]
 
 
+def sample_accuracies(outputs: jax.Array, y: jax.Array) -> jax.Array:
+  """Per sample [B], the fraction of its output vectors (outputs [B, ..., C])
+  whose argmax is that of y: 1 or 0 for [B, C], per-token accuracy for [B, T, C]."""
+  hits = (jnp.argmax(outputs, -1) == jnp.argmax(y, -1)).astype(jnp.float32)
+  return jnp.mean(hits.reshape(hits.shape[0], -1), axis=1)
+
+
 def count_correct(outputs: jax.Array, y: jax.Array) -> jax.Array:
-  """How many rows of outputs [B, C] have their argmax at that of y [B, C] (float32)."""
-  return jnp.sum(jnp.argmax(outputs, -1) == jnp.argmax(y, -1)).astype(jnp.float32)
+  """The sum of ``sample_accuracies`` (float32): over B, the number of rows
+  of [B, C] predicted right, and B × the per-token accuracy for [B, T, C]."""
+  return jnp.sum(sample_accuracies(outputs, y))
 
 
 def energy_terms(errors: tuple, outputs: jax.Array, y: jax.Array, loss: Loss,
@@ -93,7 +110,7 @@ def energy_terms(errors: tuple, outputs: jax.Array, y: jax.Array, loss: Loss,
   Args:
     errors: per stage, the errors of its layers ([S, B, ...] or a tuple of S
       [B, ...] arrays); H' layers in all (a block of the top layers, or all H).
-    outputs: [B, C] the readout μ_L; y: [B, C] the targets.
+    outputs: [B, ..., C] the readout μ_L; y: the targets, shaped alike.
     loss: the output energy; batch_size: B of the batch mean.
   """
   hidden = [0.5 * layouts.per_layer_sum_of_squares(e) for e in errors]
@@ -103,7 +120,7 @@ def energy_terms(errors: tuple, outputs: jax.Array, y: jax.Array, loss: Loss,
 
 def energy_gradients(errors: tuple, outputs: jax.Array, y: jax.Array, loss: Loss,
                      batch_size: int) -> tuple[tuple, jax.Array]:
-  """(∂F/∂e per stage, ∂F/∂μ_L [B, C]): ``jax.grad`` of ``energy_terms``' sum."""
+  """(∂F/∂e per stage, ∂F/∂μ_L [B, ..., C]): ``jax.grad`` of ``energy_terms``' sum."""
   return jax.grad(lambda e, o: jnp.sum(energy_terms(e, o, y, loss, batch_size)),
                   argnums=(0, 1))(errors, outputs)
 

@@ -70,5 +70,6 @@ def bp_gradients(model: Network, x: jax.Array, y: jax.Array, *, loss: Loss = "ms
     outputs = forward.predict(model, x)
     return jnp.sum(loss_of(loss)(outputs, y)) / batch_size, outputs
 
-  (value, outputs), grads = nnx.value_and_grad(mean_loss, has_aux=True)(model)
-  return grads, {"loss": value, "accuracy": count_correct(outputs, y) / batch_size}
+  (_, outputs), grads = nnx.value_and_grad(mean_loss, has_aux=True)(model)
+  return grads, {"loss": jnp.sum(loss_of(loss).per_token(outputs, y)) / batch_size,
+                 "accuracy": count_correct(outputs, y) / batch_size}

@@ -290,7 +290,8 @@ def pc_inference(model: Network, x: jax.Array, y: jax.Array, inference: Inferenc
 
   metrics are batch means (divided by ``batch_size``) of: ``loss`` (the
   feed-forward output loss, which is also the energy before inference at
-  γ = 1), ``accuracy`` (feed-forward), ``energy`` (after inference, its
+  γ = 1; per token, the energy's output term over T, where the outputs are
+  [B, T, C]), ``accuracy`` (feed-forward, per token likewise), ``energy`` (after inference, its
   output term weighted by γ) and ``layer_energies`` [H + 1] (after
   inference); and ``inference_steps``, the steps taken (T unless inference
   stopped early), with the step guard also ``inference_lr`` (the β used) and
@@ -304,7 +305,7 @@ def pc_inference(model: Network, x: jax.Array, y: jax.Array, inference: Inferenc
   outputs = model.readout(equilibrium.phi[-1][-1])
   per_layer = energy_terms(equilibrium.errors, outputs, y, problem.loss, batch_size)
   metrics = {
-      "loss": jnp.sum(loss_of(loss)(equilibrium.start_outputs, y)) / batch_size,
+      "loss": jnp.sum(loss_of(loss).per_token(equilibrium.start_outputs, y)) / batch_size,
       "accuracy": count_correct(equilibrium.start_outputs, y) / batch_size,
       "energy": jnp.sum(per_layer),
       "layer_energies": per_layer,

@@ -1,0 +1,176 @@
+"""The language study of docs/results.md (section 12): the limits paper's
+transformer experiment and training against BP on Shakespeare.
+
+    MUPC_SHAKESPEARE_DIR=../shared/data/shakespeare python docs/language_study.py --workdir=/tmp/mupc_text
+    ... --parts=cosine_width,cosine_depth   # some parts, run in the order given
+
+Parts (every number goes to docs/language_study.json):
+
+- cosine_width: the cosine of the PC weight gradient at the end of inference
+  with BP's, against the width d at 12 blocks, on the limits paper's network
+  (``configs/shakespeare.py:limits``: a PC layer per block, no layer norm,
+  α = 1) at initialisation, for a batch of 8 test windows of 32 characters;
+  state PC by gradient descent and ePC, each for T = 200 steps at a
+  per-sample step of 0.25 (and after T/2 = 100: where the two agree,
+  inference has settled), 3 seeds.
+- cosine_depth: the same against the blocks at d = 64.
+- bp_lr: BP's η at each training shape (seed 0, a grid of 4).
+- training: validation bits per character after 300 steps of 64 windows of
+  64 characters (1.2 M characters) at d ∈ {32, 64} × {2, 4} blocks, BP at
+  its best η, ePC (``epc``) at the same η, state PC (the paper's recipe,
+  T = H) at the same η, 3 seeds.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+
+import jax
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import make_results  # noqa: E402
+
+import mupc_flax as mf  # noqa: E402
+from mupc_flax import data, diagnostics, metrics, sweep  # noqa: E402
+from mupc_flax.networks import kinds  # noqa: E402
+
+REPO = make_results.REPO
+FIGURES = make_results.FIGURES
+SAVED = REPO / "docs" / "language_study.json"
+SEEDS = (0, 1, 2)
+COSINE_CONTEXT, COSINE_BATCH = 32, 8
+COSINE_STEPS, COSINE_STEP_PER_SAMPLE = 200, 0.25
+WIDTHS = (8, 16, 32, 64, 128, 256)
+DEPTHS = (2, 4, 8, 12, 24)
+TRAIN_STEPS = 300
+SHAPES = [(32, 2), (32, 4), (64, 2), (64, 4)]  # (d, blocks)
+BP_RATES = (3e-2, 0.1, 0.3, 1.0)
+
+
+def _limits_network(width: int, blocks: int, seed: int):
+  config = make_results.load_config("configs/shakespeare.py", "limits")
+  config.model.update(width=width, blocks=blocks, heads=max(1, min(4, width // 8)))
+  return kinds.build(config.model, data.text.spec("shakespeare", COSINE_CONTEXT), seed)
+
+
+def _cosines(split, width: int, blocks: int) -> list[dict]:
+  """Per seed and method: the cosine after T/2 and after T steps (equal where
+  inference has settled) and the per-matrix cosines after T."""
+  rows = []
+  batch = split.examples(np.arange(COSINE_BATCH) * 997)
+  nets = {seed: _limits_network(width, blocks, seed) for seed in SEEDS}
+  for method in ("states", "errors"):
+    measured = {}
+    for steps in (COSINE_STEPS // 2, COSINE_STEPS):
+      inference = mf.Inference(steps, COSINE_STEP_PER_SAMPLE * COSINE_BATCH, method=method)
+      for seed, net in nets.items():
+        measured[seed, steps] = diagnostics.pc_bp_agreement(net, batch["x"], batch["y"],
+                                                            inference, loss="ce")
+    for seed in SEEDS:
+      final, half = measured[seed, COSINE_STEPS], measured[seed, COSINE_STEPS // 2]
+      rows.append({"width": width, "blocks": blocks, "seed": seed, "method": method,
+                   "cosine": final["cosine"], "cosine_half_steps": half["cosine"],
+                   "layer_cosines": final["layer_cosines"]})
+      print(width, blocks, seed, method, f"cosine {final['cosine']:.4f} "
+            f"(after T/2: {half['cosine']:.4f})", flush=True)
+  return rows
+
+
+def cosine_width(split, results) -> None:
+  results["cosine_width"] = [r for d in WIDTHS for r in _cosines(split, d, 12)]
+
+
+def cosine_depth(split, results) -> None:
+  results["cosine_depth"] = [r for blocks in DEPTHS for r in _cosines(split, 64, blocks)]
+
+
+def _train(workdir, data_dir, name, arg, splits, seed=0, **fields) -> dict:
+  config = make_results.load_config("configs/shakespeare.py", arg)
+  config.seed = seed
+  config.data.data_dir = data_dir
+  config.train.num_steps = TRAIN_STEPS
+  config.train.warmup_steps = 30
+  config.eval_every_steps = TRAIN_STEPS
+  config.log_every_steps = 50
+  config.checkpoint_every_steps = 10_000
+  config.log_gradient_agreement = False
+  for key, value in fields.items():
+    section, field = key.split(".")
+    config[section][field] = value
+  row = sweep.run_point(name, config, workdir, splits)
+  if row["status"] != "ok":
+    return row
+  log = metrics.read(workdir / "runs" / name / "metrics.jsonl")
+  rates = [r["examples_per_second"] for r in log if r["split"] == "train"][1:]
+  final = make_results.last_eval(workdir / "runs" / name)
+  return row | {"bits_per_character": final["bits_per_character"],
+                "seconds_per_step": config.train.batch_size / float(np.median(rates))}
+
+
+def bp_lr(workdir, data_dir, splits, results) -> None:
+  rows = results.setdefault("bp_lr", [])
+  for width, blocks in SHAPES:
+    for lr in BP_RATES:
+      if any(r["width"] == width and r["blocks"] == blocks and r["lr"] == lr for r in rows):
+        continue
+      row = _train(workdir / "bp_lr", data_dir, f"bp_d{width}_b{blocks}_lr{lr:g}", "bp", splits,
+                   **{"model.width": width, "model.blocks": blocks, "train.learning_rate": lr})
+      rows.append(row | {"width": width, "blocks": blocks, "lr": lr})
+      print("bp", width, blocks, lr, row.get("bits_per_character"), flush=True)
+      SAVED.write_text(json.dumps(results, indent=1))
+
+
+def _best_lr(results, width, blocks) -> float:
+  rows = [r for r in results["bp_lr"] if r["width"] == width and r["blocks"] == blocks
+          and r.get("bits_per_character") is not None]
+  return min(rows, key=lambda r: r["bits_per_character"])["lr"]
+
+
+def training(workdir, data_dir, splits, results) -> None:
+  rows = results.setdefault("training", [])
+  for width, blocks in SHAPES:
+    lr = _best_lr(results, width, blocks)
+    for method, arg in (("BP", "bp"), ("ePC", "epc"), ("state PC", "")):
+      for seed in SEEDS:
+        if any(r["width"] == width and r["blocks"] == blocks and r["method"] == method
+               and r["seed"] == seed for r in rows):
+          continue
+        name = f"{arg or 'pc'}_d{width}_b{blocks}_s{seed}"
+        row = _train(workdir / "training", data_dir, name, arg, splits,
+                     seed=seed, **{"model.width": width, "model.blocks": blocks,
+                                   "train.learning_rate": lr})
+        rows.append(row | {"width": width, "blocks": blocks, "method": method, "seed": seed})
+        print(method, width, blocks, seed, row.get("bits_per_character"), flush=True)
+        SAVED.write_text(json.dumps(results, indent=1))
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--parts", default="cosine_width,cosine_depth,bp_lr,training")
+  args = parser.parse_args()
+  workdir = pathlib.Path(args.workdir).absolute()
+  data_dir = str(workdir / "tfds")
+  data.prepare("shakespeare", data_dir, manual_dir=os.environ.get("MUPC_SHAKESPEARE_DIR"))
+  config = make_results.load_config("configs/shakespeare.py")
+  splits = (data.TextSplit("shakespeare", "train", data_dir, config.data.context),
+            data.TextSplit("shakespeare", "test", data_dir, config.data.context, disjoint=True,
+                           max_windows=config.data.eval_windows))
+  cosine_split = data.TextSplit("shakespeare", "test", data_dir, COSINE_CONTEXT)
+  results = make_results.saved_results(SAVED)
+  parts = {"cosine_width": lambda: cosine_width(cosine_split, results),
+           "cosine_depth": lambda: cosine_depth(cosine_split, results),
+           "bp_lr": lambda: bp_lr(workdir, data_dir, splits, results),
+           "training": lambda: training(workdir, data_dir, splits, results)}
+  for name in args.parts.split(","):
+    parts[name]()
+    SAVED.write_text(json.dumps(results, indent=1))
+  print("done:", SAVED)
+
+
+if __name__ == "__main__":
+  main()
