@@ -14,11 +14,13 @@ Parts (every number goes to docs/language_study.json):
   per-sample step of 0.25 (and after T/2 = 100: where the two agree,
   inference has settled), 3 seeds.
 - cosine_depth: the same against the blocks at d = 64.
+- cosine_widest: the same at d = 512, 12 blocks.
 - bp_lr: BP's η at each training shape (seed 0, a grid of 4).
 - training: validation bits per character after 300 steps of 64 windows of
   64 characters (1.2 M characters) at d ∈ {32, 64} × {2, 4} blocks, BP at
   its best η, ePC (``epc``) at the same η, state PC (the paper's recipe,
   T = H) at the same η, 3 seeds.
+- figures: docs/figures/limits_cosine.png from the cosine parts.
 """
 
 import argparse
@@ -44,6 +46,7 @@ SEEDS = (0, 1, 2)
 COSINE_CONTEXT, COSINE_BATCH = 32, 8
 COSINE_STEPS, COSINE_STEP_PER_SAMPLE = 200, 0.25
 WIDTHS = (8, 16, 32, 64, 128, 256)
+WIDEST = 512
 DEPTHS = (2, 4, 8, 12, 24)
 TRAIN_STEPS = 300
 SHAPES = [(32, 2), (32, 4), (64, 2), (64, 4)]  # (d, blocks)
@@ -81,6 +84,12 @@ def _cosines(split, width: int, blocks: int) -> list[dict]:
 
 def cosine_width(split, results) -> None:
   results["cosine_width"] = [r for d in WIDTHS for r in _cosines(split, d, 12)]
+
+
+def cosine_widest(split, results) -> None:
+  """d = 512 at 12 blocks, kept apart as ``cosine_widest`` (minutes per
+  method here)."""
+  results["cosine_widest"] = _cosines(split, WIDEST, 12)
 
 
 def cosine_depth(split, results) -> None:
@@ -147,11 +156,39 @@ def training(workdir, data_dir, splits, results) -> None:
         SAVED.write_text(json.dumps(results, indent=1))
 
 
+def figures(results) -> None:
+  """docs/figures/limits_cosine.png: the cosine against d (12 blocks) and
+  against the blocks (d = 64), mean and standard deviation over the seeds."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(1, 2, figsize=(8, 3.2), sharey=True)
+  for ax, part, by, label in ((axes[0], "cosine_width", "width", "width d (12 blocks)"),
+                              (axes[1], "cosine_depth", "blocks", "blocks (d = 64)")):
+    rows = results.get(part, []) + (results.get("cosine_widest", []) if by == "width" else [])
+    for method, name in (("states", "state PC, T = 200"), ("errors", "ePC, T = 200")):
+      xs = sorted({r[by] for r in rows if r["method"] == method})
+      values = [[r["cosine"] for r in rows if r[by] == x and r["method"] == method] for x in xs]
+      if xs:
+        ax.errorbar(xs, [np.mean(v) for v in values], [np.std(v) for v in values], fmt="o-",
+                    capsize=3, label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(label)
+    ax.grid(alpha=0.3)
+  axes[0].set_ylabel("cos(PC, BP) of the weight gradient")
+  axes[0].legend()
+  fig.suptitle("Causal transformer on Shakespeare, at initialisation (3 seeds)")
+  fig.tight_layout()
+  FIGURES.mkdir(exist_ok=True)
+  fig.savefig(FIGURES / "limits_cosine.png", dpi=120)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--workdir", required=True)
-  parser.add_argument("--parts", default="cosine_width,cosine_depth,bp_lr,training")
+  parser.add_argument("--parts", default="cosine_width,cosine_depth,bp_lr,training,figures")
   args = parser.parse_args()
   workdir = pathlib.Path(args.workdir).absolute()
   data_dir = str(workdir / "tfds")
@@ -164,8 +201,10 @@ def main():
   results = make_results.saved_results(SAVED)
   parts = {"cosine_width": lambda: cosine_width(cosine_split, results),
            "cosine_depth": lambda: cosine_depth(cosine_split, results),
+           "cosine_widest": lambda: cosine_widest(cosine_split, results),
            "bp_lr": lambda: bp_lr(workdir, data_dir, splits, results),
-           "training": lambda: training(workdir, data_dir, splits, results)}
+           "training": lambda: training(workdir, data_dir, splits, results),
+           "figures": lambda: figures(results)}
   for name in args.parts.split(","):
     parts[name]()
     SAVED.write_text(json.dumps(results, indent=1))

@@ -52,6 +52,32 @@ def newest_complete_step(folder: str | os.PathLike) -> int | None:
   return max(steps, default=None)
 
 
+def restore_model(folder: str | os.PathLike, model_state) -> tuple[Any, int] | None:
+  """The model alone from the newest finished checkpoint in ``folder``, into
+  the structure of ``model_state``: (model_state, its step), or None if
+  there is none. It only reads (no checkpoint manager, which would clean up
+  a save in progress): a run may go on training meanwhile. A checkpoint of
+  another model, or one that cannot be read, is a WorkdirError."""
+  step = newest_complete_step(folder)
+  if step is None:
+    return None
+  path = pathlib.Path(folder).absolute() / str(step) / "model"
+  checkpointer = ocp.StandardCheckpointer()
+  try:
+    saved = checkpointer.metadata(path).item_metadata
+    saved, wanted = _shapes(getattr(saved, "tree", saved)), _shapes(model_state)
+    if saved == wanted:
+      restored = checkpointer.restore(path, jax.tree.map(ocp.utils.to_shape_dtype_struct,
+                                                         model_state))
+  except Exception as e:
+    raise WorkdirError(f"Checkpoint {step} in {folder} is unreadable ({type(e).__name__}: "
+                       f"{str(e).splitlines()[0][:200]}).") from None
+  if saved != wanted:
+    raise WorkdirError(f"Checkpoint {step} in {folder} holds another model than its workdir's "
+                       "config describes; was the config record edited?")
+  return restored, step
+
+
 def _name(key) -> str:
   """A path entry as plain text: list indices saved as '0' and live as 0 agree."""
   for field in ("key", "idx", "name"):
@@ -190,23 +216,6 @@ class Checkpointer:
       return restored["model"], restored["optimizer"], restored["meta"]
     raise WorkdirError(f"No checkpoint in {self.directory} is readable ({steps}); delete the "
                        "directory to start over.")
-
-  def restore_model(self, model_state) -> tuple[Any, int] | None:
-    """The model alone from the newest checkpoint, into the structure of
-    ``model_state``: (model_state, its step), or None if there is none.
-    Only reads: an unreadable checkpoint is a WorkdirError."""
-    step = self._manager.latest_step()
-    if step is None:
-      return None
-    self.check_compatible(step, model_state)
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, model_state)
-    try:
-      restored = self._manager.restore(step, args=ocp.args.Composite(
-          model=ocp.args.StandardRestore(abstract)))
-    except Exception as e:
-      raise WorkdirError(f"Checkpoint {step} in {self.directory} is unreadable ({type(e).__name__}:"
-                         f" {str(e).splitlines()[0][:200]}).") from None
-    return restored["model"], step
 
   def _set_aside(self, steps: list[int]) -> None:
     """Moves unreadable checkpoints to ``<directory>.unreadable/`` (kept for

@@ -78,9 +78,8 @@ def main(argv):
     raise UserError(f"{workdir} holds no checkpoint yet; train first (or wait for the first "
                     "save).")
   model = build_model(config, spec)
-  restored = checkpointing.Checkpointer(folder, keep=config.keep_checkpoints).restore_model(
-      nnx.state(model))
-  nnx.update(model, restored[0])
+  model_state, _ = checkpointing.restore_model(folder, nnx.state(model))
+  nnx.update(model, model_state)
   print(_PROMPT.value + sample(model, spec, _PROMPT.value, _LENGTH.value, _TEMPERATURE.value,
                                _SEED.value))
 

@@ -102,7 +102,7 @@ def make_eval_step(model: pc.Network, mesh: jax.sharding.Mesh | None = None, *,
                    loss: pc.Loss = "mse") -> Callable:
   """Builds the jitted, data-parallel eval step (feed-forward prediction).
 
-  Returns ``step(model_state, x [B, D], y [B, C], mask [B]) -> sums`` with
+  Returns ``step(model_state, x [B, ...], y [B, ..., C], mask [B]) -> sums`` with
   ``loss`` (the per-sample loss, per token where the outputs are [B, T, C]),
   ``correct`` (per-sample accuracy, likewise) and ``count`` summed over the
   rows where mask is 1, so padded rows of a last partial batch do not count.

@@ -10,6 +10,7 @@ fields here.
 import math
 from typing import get_args
 
+import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
@@ -79,6 +80,10 @@ def validate_config(config, num_devices: int, num_processes: int) -> None:
     if not isinstance(context, int) or isinstance(context, bool) or context < 1:
       raise TrainingError(f"config.data.context (the characters a network sees) must be a positive "
                           f"integer for {config.data.name}, got {context!r}.")
+    windows = config.data.get("eval_windows", 0)
+    if not isinstance(windows, int) or isinstance(windows, bool) or windows < 0:
+      raise TrainingError(f"config.data.eval_windows (the test windows evaluated; 0: all) must be "
+                          f"a non-negative integer, got {windows!r}.")
   # The network's own refusals, from shapes alone (no weights drawn, no data read).
   nnx.eval_shape(lambda: build_model(config, data.spec_of(config.data)))
   if config.data.augment and config.data.name != "cifar10":
@@ -109,12 +114,25 @@ def build_model(config, spec: data.pipeline.DatasetSpec) -> pc.Network:
   the images), or an engine choice that does not fit it, raises
   TrainingError naming it.
   """
+  what = f"config.model ({config.model.kind}) cannot be built for {config.data.name} ({spec.describe()})"
+  text = isinstance(spec, data.TextSpec)
   try:
     model = kinds.build(config.model, spec, config.seed)
   except (ValueError, TypeError) as e:
-    raise TrainingError(f"config.model ({config.model.kind}) cannot be built for "
-                        f"{config.data.name} ({spec.describe()}): "
-                        f"{e}") from None
+    raise TrainingError(f"{what}: {e}") from None
+  except AttributeError as e:
+    if not text:
+      raise
+    raise TrainingError(f"{what}: the network reads images ({e}); choose causal_transformer for "
+                        "text.") from None
+  # The outputs must be shaped as the targets: [B, C] for images, [B, T, V] for text.
+  inputs = jax.ShapeDtypeStruct((1, spec.input_size), jnp.int32 if text else jnp.float32)
+  outputs = jax.eval_shape(lambda x: pc.predict(model, x), inputs).shape
+  targets = (1, spec.context, spec.num_classes) if text else (1, spec.num_classes)
+  if outputs != targets:
+    raise TrainingError(f"{what}: its outputs are {list(outputs)} for a batch of 1, the targets "
+                        f"{list(targets)}" + ("; choose a network that predicts every position "
+                                              "(causal_transformer)." if text else "."))
   try:
     pc.plan(engine_of(config), model, jnp.zeros((1, spec.input_size)))
   except ValueError as e:

@@ -85,9 +85,19 @@ def _bp(config, rates):
   config.train.learning_rate = rates.bp
 
 
+def _positions(config) -> int:
+  """The output positions of a sample: a text window's ``data.context``, else 1.
+
+  A sample's output energy sums its positions' losses, so the signal that
+  reaches an activity grows with them; the variants' per-sample inference
+  steps are per position (β = s·B/T), which keeps ePC's step small.
+  """
+  return config.data.get("context", 1)
+
+
 def _epc(config, rates):
   config.inference.update(method="errors", steps=EPC_STEPS,
-                          lr=EPC_STEP_PER_SAMPLE * config.train.batch_size)
+                          lr=EPC_STEP_PER_SAMPLE * config.train.batch_size / _positions(config))
   config.train.update(learning_rate=rates.deep or rates.bp, lr_schedule="cosine")
   optimizer = config.train.optimizer
   if (callable(getattr(optax, optimizer, None))  # optimizer=sgd,epc stays valid
@@ -98,7 +108,7 @@ def _epc(config, rates):
 def _deep(config, rates):
   config.inference.update(optimizer="momentum", momentum=DEEP_MOMENTUM,
                           steps_per_layer=DEEP_STEPS_PER_LAYER,
-                          lr=DEEP_STEP_PER_SAMPLE * config.train.batch_size,
+                          lr=DEEP_STEP_PER_SAMPLE * config.train.batch_size / _positions(config),
                           step_guard=STEP_GUARD_ITERATIONS)
   config.train.update(learning_rate=rates.deep or rates.bp, lr_schedule="cosine")
 
@@ -110,11 +120,13 @@ VARIANTS: dict[str, Variant] = {
                   "config's BP learning rate", _bp),
     "deep": Variant(f"inference that reaches the bottom layers: heavy-ball momentum "
                     f"{DEEP_MOMENTUM}, T = {DEEP_STEPS_PER_LAYER}H, a per-sample step of "
-                    f"{DEEP_STEP_PER_SAMPLE} under the step guard, BP's η with a cosine decay "
+                    f"{DEEP_STEP_PER_SAMPLE} (per position for text) under the step guard, BP's η "
+                    "with a cosine decay "
                     "(docs/results.md, section 9)", _deep),
     "epc": Variant(f"error-parameterised PC: inference on the errors, T = {EPC_STEPS} step of "
-                   f"{EPC_STEP_PER_SAMPLE} per sample, BP's η with a cosine decay, Adam's ε at "
-                   f"{EPC_OPTIMIZER_EPS:g} (docs/results.md, section 11)", _epc),
+                   f"{EPC_STEP_PER_SAMPLE} per sample (per position for text), BP's η with a "
+                   f"cosine decay, Adam's ε at {EPC_OPTIMIZER_EPS:g} (docs/results.md, section 11)",
+                   _epc),
 }
 OVERRIDE_HELP = ("a field by its name (hidden_layers=32,width=256), or by section where two "
                  "have it (inference.optimizer=momentum)")

@@ -311,6 +311,19 @@ CASES = {
         lambda s: s.main("--config.data.context=0", config="configs/shakespeare.py:smoke"),
         r"config\.data\.context \(the characters a network sees\) must be a positive integer for "
         r"shakespeare, got 0"),
+    "image network on text": Case(
+        lambda s: s.main(config="configs/shakespeare.py:kind=dense,smoke"),
+        r"config\.model \(dense\) cannot be built for shakespeare \(windows of 64 characters\): its "
+        r"outputs are \[1, 84\] for a batch of 1, the targets \[1, 64, 84\]; choose a network that "
+        r"predicts every position \(causal_transformer\)\."),
+    "convolutional network on text": Case(
+        lambda s: s.main(config="configs/shakespeare.py:kind=conv,smoke"),
+        r"config\.model \(conv\) cannot be built for shakespeare \(windows of 64 characters\): the "
+        r"network reads images \(.*\); choose causal_transformer for text\."),
+    "negative evaluation windows": Case(
+        lambda s: s.main("--config.data.eval_windows=-5", config="configs/shakespeare.py:smoke"),
+        r"config\.data\.eval_windows \(the test windows evaluated; 0: all\) must be a non-negative "
+        r"integer, got -5\."),
     "language network on images": Case(
         lambda s: s.main(config="configs/default.py:kind=causal_transformer,smoke"),
         r"config\.model \(causal_transformer\) cannot be built for mnist \(28×28×1 images\): the "

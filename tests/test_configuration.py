@@ -109,3 +109,16 @@ def test_help_and_readme_list_the_variants_table():
   block = readme.split("<!-- variants -->\n")[1].split("<!-- /variants -->")[0]
   assert block == "".join(f"- `{line.split(': ', 1)[0]}`: {line.split(': ', 1)[1]}\n"
                           for line in variants.help_lines())
+
+
+@pytest.mark.parametrize("config, variant, per_sample", [
+    ("configs/default.py", "epc", variants.EPC_STEP_PER_SAMPLE),
+    ("configs/default.py", "deep", variants.DEEP_STEP_PER_SAMPLE),
+    ("configs/shakespeare.py", "epc", variants.EPC_STEP_PER_SAMPLE / 64),
+    ("configs/shakespeare.py", "deep", variants.DEEP_STEP_PER_SAMPLE / 64),
+    ("configs/shakespeare.py", "context=16,batch_size=32,epc", variants.EPC_STEP_PER_SAMPLE / 16),
+])
+def test_the_variants_inference_steps_are_per_sample_and_per_position(config, variant, per_sample):
+  """β on the batch-mean energy is s·B, over the T positions of a text window."""
+  loaded = configuration.load(f"{REPO / config}:{variant}")
+  assert loaded.inference.lr == pytest.approx(per_sample * loaded.train.batch_size)

@@ -185,7 +185,9 @@ def test_a_bad_shakespeare_archive_is_one_clear_error(tmp_path):
   with pytest.raises(data.DataError, match="corrupt or truncated"):
     data.prepare("shakespeare", tmp_path / "tfds", manual_dir=folder)
   with pytest.raises(data.DataError, match="shakespeare has no download.*MUPC_SHAKESPEARE_DIR"):
-    data.prepare("shakespeare", tmp_path / "tfds2")
+    with pytest.MonkeyPatch.context() as patch:
+      patch.delenv("MUPC_SHAKESPEARE_DIR", raising=False)  # .ci/run sets it
+      data.prepare("shakespeare", tmp_path / "tfds2")
   assert not (tmp_path / "tfds").exists() and not (tmp_path / "tfds2").exists()
 
 
@@ -246,10 +248,30 @@ def _sample(workdir, *flags):
                      environment())
 
 
-def test_evaluation_logs_bits_per_character(text_run):
+def _restored(workdir, step):
+  """The smoke causal transformer with the weights of ``workdir``'s checkpoint ``step``."""
+  net = mf.CausalTransformerPCN(84, 64, **SMALL, rngs=nnx.Rngs(0))
+  saved = load_checkpoint(workdir, step)
+  # The saved tree holds each variable under its path (and, for some, a field below it).
+  weight = lambda path: next(v for k, v in saved.items() if k.startswith(jax.tree_util.keystr(path)))
+  nnx.update(net, jax.tree_util.tree_map_with_path(lambda path, _: weight(path),
+                                                   nnx.to_pure_dict(nnx.state(net))))
+  return net
+
+
+def test_evaluation_logs_the_test_loss_per_character_in_nats_and_bits(text_run,
+                                                                      shakespeare_data_dir):
+  """The logged loss is NumPy's cross-entropy of the final weights on the
+  2,048 evaluation windows, per character; bits are that over ln 2."""
   final = [r for r in metrics.read(text_run / "metrics.jsonl") if r["split"] == "eval"][-1]
-  np.testing.assert_allclose(final["bits_per_character"], final["loss"] / np.log(2), rtol=1e-6)
+  split = data.TextSplit("shakespeare", "test", shakespeare_data_dir, 64, disjoint=True,
+                         max_windows=2048)
+  batch = split.examples(np.arange(len(split)))
+  ce, accuracy = _numpy_metrics(_restored(text_run, 30)(batch["x"]), batch["y"])
   assert final["examples"] == 2048
+  np.testing.assert_allclose(final["loss"], ce, rtol=1e-4)
+  np.testing.assert_allclose(final["accuracy"], accuracy, atol=1e-6)
+  np.testing.assert_allclose(final["bits_per_character"], ce / np.log(2), rtol=1e-4)
 
 
 def test_greedy_sampling_follows_the_checkpoints_predictions(text_run):
@@ -260,13 +282,7 @@ def test_greedy_sampling_follows_the_checkpoints_predictions(text_run):
   printed = done.stdout.removesuffix("\n")
   assert printed.startswith("ROMEO:") and len(printed) == len("ROMEO:") + 12
   spec = data.TextSpec(text.VOCABULARIES["shakespeare"], 64)
-  net = mf.CausalTransformerPCN(84, 64, **SMALL, rngs=nnx.Rngs(0))
-  saved = load_checkpoint(text_run, 30)
-  # The saved tree holds each variable under its path (and, for some, a field below it).
-  weight = lambda path: next(v for k, v in saved.items() if k.startswith(jax.tree_util.keystr(path)))
-  weights = jax.tree_util.tree_map_with_path(lambda path, _: weight(path),
-                                             nnx.to_pure_dict(nnx.state(net)))
-  nnx.update(net, weights)
+  net = _restored(text_run, 30)
   ids = list(spec.encode("ROMEO:"))
   for _ in range(12):
     window = np.pad(ids, (0, 64 - len(ids)))[None]

@@ -170,6 +170,15 @@ def is_prepared(name: str, data_dir: str | os.PathLike) -> bool:
   return (dataset_dir(name, data_dir) / "dataset_info.json").exists()
 
 
+def check_prepared(name: str, data_dir: str | os.PathLike) -> None:
+  """DataError with the command to run unless dataset ``name`` is prepared in ``data_dir``."""
+  check_name(name)
+  if not is_prepared(name, data_dir):
+    raise DataError(f"Dataset {name} is not prepared in {data_dir}. Run `python -m mupc_flax.data "
+                    f"prepare --dataset={name} --data_dir={data_dir}` (add --manual_dir=FOLDER "
+                    "offline).")
+
+
 def _required_files(name: str) -> list[str]:
   return list(SOURCES[name].sha256)
 
@@ -182,7 +191,8 @@ def _local_folder(name: str, manual_dir: str | os.PathLike | None) -> pathlib.Pa
   source = "manual_dir" if manual_dir else SOURCES[name].env_var
   if not folder.is_dir():
     raise DataError(f"The folder {folder} (from {source}) does not exist. Give the folder that "
-                    f"holds {_required_files(name)}, or unset it to download them.")
+                    f"holds {_required_files(name)}" + (", or unset it to download them." if
+                                                        SOURCES[name].url else "."))
   if name == "cifar10" and (folder / CIFAR10_FOLDER).is_dir():
     return folder
   missing = [f for f in _required_files(name) if not (folder / f).is_file()]
@@ -191,7 +201,8 @@ def _local_folder(name: str, manual_dir: str | os.PathLike | None) -> pathlib.Pa
         f"The folder {folder} (from {source}) "
         f"lacks {missing} for {name}. Put the official files {_required_files(name)}"
         + (f" (or the extracted {CIFAR10_FOLDER}/ folder)" if name == "cifar10" else "")
-        + f" there, or unset it to download them from {SOURCES[name].url}.")
+        + (f" there, or unset it to download them from {SOURCES[name].url}." if SOURCES[name].url
+           else " there."))
   return folder
 
 

@@ -76,11 +76,7 @@ class Split:
   """
 
   def __init__(self, name: str, split: str, data_dir: str, in_memory: bool = True):
-    builders.check_name(name)
-    if not builders.is_prepared(name, data_dir):
-      raise builders.DataError(
-          f"Dataset {name} is not prepared in {data_dir}. Run `python -m mupc_flax.data prepare "
-          f"--dataset={name} --data_dir={data_dir}` (add --manual_dir=FOLDER offline).")
+    builders.check_prepared(name, data_dir)
     self.spec = SPECS[name]
     self._source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
     self._arrays = None

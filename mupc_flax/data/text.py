@@ -207,8 +207,11 @@ class TextSplit:
 
   def __init__(self, name: str, split: str, data_dir, context: int, *, disjoint: bool = False,
                max_windows: int | None = None):
+    from mupc_flax.data import builders  # which imports this module
+
     self.spec = spec(name, context)
-    folder = pathlib.Path(data_dir) / name / str(BUILDERS[name].VERSION)
+    builders.check_prepared(name, data_dir)
+    folder = builders.dataset_dir(name, data_dir)
     try:
       stored = json.loads((folder / "metadata.json").read_text())["vocabulary"]
     except (OSError, ValueError, KeyError):

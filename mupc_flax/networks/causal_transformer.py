@@ -82,9 +82,6 @@ def make_network(spec, *, width: int = 128, blocks: int = 4, heads: int = 4, mlp
   if not hasattr(spec, "vocabulary"):
     raise ValueError("the causal transformer reads text: choose a text dataset (shakespeare, "
                      "tiny_shakespeare) or another kind for images.")
-  if isinstance(width, int) and isinstance(heads, int) and heads > 0 and width % heads:
-    raise ValueError(f"width ({width}) must be a multiple of heads ({heads}): choose heads that "
-                     "divide it.")
   return CausalTransformerPCN(spec.num_classes, spec.context, width, blocks, heads=heads,
                               mlp_ratio=mlp_ratio, activation=activation,
                               parameterization=parameterization, depth_exponent=depth_exponent,

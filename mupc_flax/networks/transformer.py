@@ -286,7 +286,8 @@ class TransformerPCN(nnx.Module):
     return forward.feedforward(self, x)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    """Feed-forward prediction [B, C] for inputs x [B, H·W·C]."""
+    """Feed-forward prediction μ_L for inputs x: [B, C] for images [B, H·W·C]
+    (the causal transformer: [B, T, V] for token ids [B, T])."""
     from mupc_flax.pc import forward
     return forward.predict(self, x)
 

@@ -11,7 +11,8 @@ activities, the general path of inference (``jax.grad`` of it over the
 activities) and the weight gradients (its gradient over the predictions,
 pulled back through the network). The output loss ℓ_out is an ``OutputLoss``,
 one function per sample; its error −∂ℓ_out/∂μ_L is ``jax.grad`` of it.
-Shapes: x [B, D], y [B, C], and z in the public form of ``pc.forward``
+Shapes: x [B, D] (token ids [B, T] for a language model), y [B, C] or
+[B, ..., C] as the readout, and z in the public form of ``pc.forward``
 (per stage [1 + R_s, B, ...]; one stage: that array, [H, B, N] for the dense
 ``ResidualPCN``).
 """
