@@ -20,6 +20,8 @@ Parts (every number goes to docs/language_study.json):
   64 characters (1.2 M characters) at d ∈ {32, 64} × {2, 4} blocks, BP at
   its best η, ePC (``epc``) at the same η, state PC (the paper's recipe,
   T = H) at the same η, 3 seeds.
+- training_deep: state PC under the ``deep`` recipe (heavy ball, T = 2H, the
+  step guard) at d = 32, 2 blocks, 3 seeds.
 - figures: docs/figures/limits_cosine.png from the cosine parts.
 """
 
@@ -156,6 +158,22 @@ def training(workdir, data_dir, splits, results) -> None:
         SAVED.write_text(json.dumps(results, indent=1))
 
 
+def training_deep(workdir, data_dir, splits, results) -> None:
+  """State PC under the ``deep`` recipe at the smallest shape, 3 seeds."""
+  rows = results.setdefault("training_deep", [])
+  width, blocks = SHAPES[0]
+  lr = _best_lr(results, width, blocks)
+  for seed in SEEDS:
+    if any(r["seed"] == seed for r in rows):
+      continue
+    row = _train(workdir / "training", data_dir, f"deep_d{width}_b{blocks}_s{seed}", "deep", splits,
+                 seed=seed, **{"model.width": width, "model.blocks": blocks,
+                               "train.learning_rate": lr})
+    rows.append(row | {"width": width, "blocks": blocks, "method": "state PC, deep", "seed": seed})
+    print("deep", width, blocks, seed, row.get("bits_per_character"), flush=True)
+    SAVED.write_text(json.dumps(results, indent=1))
+
+
 def figures(results) -> None:
   """docs/figures/limits_cosine.png: the cosine against d (12 blocks) and
   against the blocks (d = 64), mean and standard deviation over the seeds."""
@@ -188,7 +206,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--workdir", required=True)
-  parser.add_argument("--parts", default="cosine_width,cosine_depth,bp_lr,training,figures")
+  parser.add_argument("--parts", default="cosine_width,cosine_depth,cosine_widest,bp_lr,training,"
+                      "training_deep,figures")
   args = parser.parse_args()
   workdir = pathlib.Path(args.workdir).absolute()
   data_dir = str(workdir / "tfds")
@@ -204,6 +223,7 @@ def main():
            "cosine_widest": lambda: cosine_widest(cosine_split, results),
            "bp_lr": lambda: bp_lr(workdir, data_dir, splits, results),
            "training": lambda: training(workdir, data_dir, splits, results),
+           "training_deep": lambda: training_deep(workdir, data_dir, splits, results),
            "figures": lambda: figures(results)}
   for name in args.parts.split(","):
     parts[name]()

@@ -11,13 +11,10 @@ the window (the last ``context`` characters so far); τ = 0 takes the most
 likely one. The prompt, then the sampled text, go to stdout.
 """
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from mupc_flax import checkpointing, cli, data, pc, workdir as records
+from mupc_flax import checkpointing, cli, data, sampling, workdir as records
 from mupc_flax.errors import UserError
 from mupc_flax.validation import build_model
 
@@ -28,30 +25,6 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "τ: 1 samples the model's
                                   "0 takes the most likely character.")
 _SEED = flags.DEFINE_integer("seed", 0, "The sampler's random seed.")
 flags.mark_flags_as_required(["workdir"])
-
-
-def sample(model: pc.Network, spec: data.TextSpec, prompt: str, length: int, temperature: float,
-           seed: int = 0) -> str:
-  """``length`` characters drawn after ``prompt`` (see the module docstring)."""
-  context = spec.context
-  ids = list(spec.encode(prompt))
-
-  @nnx.jit
-  def next_logits(model, window, position):
-    return pc.predict(model, window)[0, position]
-
-  key = jax.random.key(seed)
-  for _ in range(length):
-    recent = ids[-context:]
-    window = jnp.asarray(np.pad(recent, (0, context - len(recent)))[None], jnp.int32)
-    # Causal: the positions after the last character do not change its prediction.
-    logits = next_logits(model, window, len(recent) - 1)
-    if temperature == 0:
-      ids.append(int(jnp.argmax(logits)))
-    else:
-      key, draw = jax.random.split(key)
-      ids.append(int(jax.random.categorical(draw, logits / temperature)))
-  return spec.decode(ids[len(prompt):])
 
 
 def main(argv):
@@ -80,7 +53,7 @@ def main(argv):
   model = build_model(config, spec)
   model_state, _ = checkpointing.restore_model(folder, nnx.state(model))
   nnx.update(model, model_state)
-  print(_PROMPT.value + sample(model, spec, _PROMPT.value, _LENGTH.value, _TEMPERATURE.value,
+  print(_PROMPT.value + sampling.sample_text(model, spec, _PROMPT.value, _LENGTH.value, _TEMPERATURE.value,
                                _SEED.value))
 
 

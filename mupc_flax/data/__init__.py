@@ -5,8 +5,9 @@ import os
 
 from mupc_flax.data import pipeline, text
 from mupc_flax.data.builders import SOURCES, DataError, is_prepared, prepare
-from mupc_flax.data.pipeline import SPECS, Split, eval_batches, num_eval_batches, train_dataset
-from mupc_flax.data.text import TextSplit, TextSpec
+from mupc_flax.data.pipeline import (SPECS, Split, TextSplit, eval_batches, num_eval_batches,
+                                     train_dataset)
+from mupc_flax.data.text import TextSpec
 
 DATASETS = tuple(sorted(SOURCES))
 """The dataset names the project prepares: ``cifar10``, ``fashion_mnist``, ``mnist``,

@@ -10,7 +10,7 @@ is a grain state, saved in checkpoints with ``grain.checkpoint``.
 Batches are dicts of NumPy arrays: ``x`` [b, H·W·C] float32 (normalised,
 flattened), ``y`` [b, 10] float32 (one-hot) and, for evaluation, ``mask`` [b]
 float32 (1 for real examples, 0 for padding). b is the per-process batch.
-A text split (``text.TextSplit``) gives windows instead: ``x`` [b, T] int32
+A text split (``TextSplit``) gives windows instead: ``x`` [b, T] int32
 token ids and ``y`` [b, T, V] one-hot next characters; the pipelines read
 any split through its ``examples(indices)`` and ``len``.
 
@@ -23,6 +23,7 @@ second instead of decoding each PNG again (MNIST: 10 s on a 2-core CPU).
 import dataclasses
 import functools
 import hashlib
+import json
 import math
 import os
 import pathlib
@@ -113,6 +114,58 @@ class Split:
     if augment_rng is not None:
       images = augment_cifar(images, augment_rng)
     return preprocess(images, labels, self.spec)
+
+
+class TextSplit:
+  """One split of a prepared text dataset as windows of ``context + 1`` characters.
+
+  A window at every start (training), or with ``disjoint`` windows that do
+  not overlap (evaluation: a start every ``context`` characters), at most
+  ``max_windows`` of them spread evenly over the split (a start every
+  max(context, ⌊(N − context − 1)/(max_windows − 1)⌋) of its N characters).
+  ``len`` is the number of windows.
+  """
+
+  def __init__(self, name: str, split: str, data_dir, context: int, *, disjoint: bool = False,
+               max_windows: int | None = None):
+    self.spec = text.spec(name, context)
+    builders.check_prepared(name, data_dir)
+    folder = builders.dataset_dir(name, data_dir)
+    try:
+      stored = json.loads((folder / "metadata.json").read_text())["vocabulary"]
+    except (OSError, ValueError, KeyError):
+      stored = None
+    if stored != self.spec.vocabulary:
+      raise builders.DataError(f"{folder} was prepared with another vocabulary (or none); delete it and "
+                      f"prepare {name} again.")
+    source = tfds.data_source(name, split=split, data_dir=str(data_dir), download=False)
+    examples = [source[i] for i in range(len(source))]
+    examples.sort(key=lambda e: e.get("title", b""))
+    self.tokens = self.spec.encode("".join(e["text"].decode("utf-8") for e in examples))
+    if len(self.tokens) < context + 1:
+      raise builders.DataError(f"The {split} split of {name} has {len(self.tokens)} characters, fewer than "
+                      f"one window of context + 1 = {context + 1}; choose a smaller "
+                      "config.data.context.")
+    self.context, self.stride, self.max_windows = context, context if disjoint else 1, None
+    if disjoint and max_windows:
+      spread = (len(self.tokens) - context - 1) // max(max_windows - 1, 1)
+      self.stride, self.max_windows = max(context, spread), max_windows
+
+  def __len__(self) -> int:
+    count = (len(self.tokens) - self.context - 1) // self.stride + 1
+    return min(count, self.max_windows) if self.max_windows else count
+
+  def windows(self, indices) -> np.ndarray:
+    """The windows [b, context + 1] of token ids at window numbers ``indices``."""
+    starts = np.asarray(indices, np.int64) * self.stride
+    return self.tokens[starts[:, None] + np.arange(self.context + 1)]
+
+  def examples(self, indices, augment_rng=None) -> dict[str, np.ndarray]:
+    """x [b, T] int32 ids and y [b, T, V] float32 one-hot next characters."""
+    del augment_rng  # text has no augmentation
+    windows = self.windows(indices)
+    return {"x": windows[:, :-1].astype(np.int32),
+            "y": np.eye(self.spec.num_classes, dtype=np.float32)[windows[:, 1:]]}
 
 
 def cache_dir() -> pathlib.Path:
@@ -219,7 +272,7 @@ def _local_rows(global_batch_size: int, process_index: int, process_count: int) 
   return slice(process_index * local, (process_index + 1) * local)
 
 
-def train_dataset(split: "Split | text.TextSplit", *, global_batch_size: int, seed: int, num_batches: int | None = None,
+def train_dataset(split: "Split | TextSplit", *, global_batch_size: int, seed: int, num_batches: int | None = None,
                   augment: bool = False, process_index: int = 0, process_count: int = 1,
                   prefetch: int = 2) -> grain.IterDataset:
   """Shuffled training batches for this process, reshuffled every epoch.
@@ -255,7 +308,7 @@ def num_eval_batches(split: Split, global_batch_size: int) -> int:
   return math.ceil(len(split) / global_batch_size)
 
 
-def eval_batches(split: "Split | text.TextSplit", *, global_batch_size: int, process_index: int = 0,
+def eval_batches(split: "Split | TextSplit", *, global_batch_size: int, process_index: int = 0,
                  process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
   """Every example of the split exactly once, in order.
 

@@ -1,4 +1,4 @@
-"""Text datasets: Shakespeare's works as TFDS datasets of characters, and their windows.
+"""Text datasets: Shakespeare's works as TFDS datasets of characters, and their vocabularies.
 
 Two datasets, prepared without TensorFlow into the standard TFDS layout:
 
@@ -17,7 +17,7 @@ its source's characters, stored with the prepared dataset (its metadata)
 and checked when read: a source with another character is refused when it
 is prepared, and the token id of a character is its index in the vocabulary.
 
-A split is read as one array of token ids (the works joined in title
+A split is read (``pipeline.TextSplit``) as one array of token ids (the works joined in title
 order). Training examples are the windows of ``context + 1`` characters at
 every start (``stride=1``; the pipeline draws them in random order, an
 epoch being every start once); evaluation's are disjoint (``stride =
@@ -27,7 +27,6 @@ characters.
 """
 
 import dataclasses
-import json
 import pathlib
 import tarfile
 import zlib
@@ -190,63 +189,6 @@ class TinyShakespeare(tiny_shakespeare_dataset_builder.Builder, skip_registratio
     i = int(len(rest) * 0.5)
     return {split: self._generate_examples(split, part)
             for split, part in (("train", train), ("validation", rest[:i]), ("test", rest[i:]))}
-
-
-# --- Splits -------------------------------------------------------------------
-
-
-class TextSplit:
-  """One split of a prepared text dataset as windows of ``context + 1`` characters.
-
-  A window at every start (training), or with ``disjoint`` windows that do
-  not overlap (evaluation: a start every ``context`` characters), at most
-  ``max_windows`` of them spread evenly over the split (a start every
-  max(context, ⌊(N − context − 1)/(max_windows − 1)⌋) of its N characters).
-  ``len`` is the number of windows.
-  """
-
-  def __init__(self, name: str, split: str, data_dir, context: int, *, disjoint: bool = False,
-               max_windows: int | None = None):
-    from mupc_flax.data import builders  # which imports this module
-
-    self.spec = spec(name, context)
-    builders.check_prepared(name, data_dir)
-    folder = builders.dataset_dir(name, data_dir)
-    try:
-      stored = json.loads((folder / "metadata.json").read_text())["vocabulary"]
-    except (OSError, ValueError, KeyError):
-      stored = None
-    if stored != self.spec.vocabulary:
-      raise DataError(f"{folder} was prepared with another vocabulary (or none); delete it and "
-                      f"prepare {name} again.")
-    source = tfds.data_source(name, split=split, data_dir=str(data_dir), download=False)
-    examples = [source[i] for i in range(len(source))]
-    examples.sort(key=lambda e: e.get("title", b""))
-    self.tokens = self.spec.encode("".join(e["text"].decode("utf-8") for e in examples))
-    if len(self.tokens) < context + 1:
-      raise DataError(f"The {split} split of {name} has {len(self.tokens)} characters, fewer than "
-                      f"one window of context + 1 = {context + 1}; choose a smaller "
-                      "config.data.context.")
-    self.context, self.stride, self.max_windows = context, context if disjoint else 1, None
-    if disjoint and max_windows:
-      spread = (len(self.tokens) - context - 1) // max(max_windows - 1, 1)
-      self.stride, self.max_windows = max(context, spread), max_windows
-
-  def __len__(self) -> int:
-    count = (len(self.tokens) - self.context - 1) // self.stride + 1
-    return min(count, self.max_windows) if self.max_windows else count
-
-  def windows(self, indices) -> np.ndarray:
-    """The windows [b, context + 1] of token ids at window numbers ``indices``."""
-    starts = np.asarray(indices, np.int64) * self.stride
-    return self.tokens[starts[:, None] + np.arange(self.context + 1)]
-
-  def examples(self, indices, augment_rng=None) -> dict[str, np.ndarray]:
-    """x [b, T] int32 ids and y [b, T, V] float32 one-hot next characters."""
-    del augment_rng  # text has no augmentation
-    windows = self.windows(indices)
-    return {"x": windows[:, :-1].astype(np.int32),
-            "y": np.eye(self.spec.num_classes, dtype=np.float32)[windows[:, 1:]]}
 
 
 BUILDERS = {"shakespeare": Shakespeare, "tiny_shakespeare": TinyShakespeare}
