@@ -268,8 +268,10 @@ def test_wavefront_equals_plain_and_keeps_zeros_below_the_front(name):
         assert np.all(moved[:hidden - steps] == 0) and np.all(moved[hidden - steps:] > 0), moved
 
 
-@pytest.mark.parametrize("method", ["states", "errors"])
-@pytest.mark.parametrize("name", NETWORKS)
+# ePC's sharding (one λ_max agreed over the devices) is the engine's, whatever the
+# network: it runs on a dense and a per-token network; state PC on every one.
+@pytest.mark.parametrize("name, method", [(name, "states") for name in NETWORKS]
+                         + [("dense", "errors"), ("causal_transformer", "errors")])
 def test_eight_devices_match_one(name, method):
   results = []
   for devices in (1, 8):

@@ -71,10 +71,10 @@ def test_loss_and_accuracy_are_per_token(algorithm):
   net, (x, y) = _network(), _tokens(1)
   ce, accuracy = _numpy_metrics(net(x), y)
   if algorithm == "bp":
-    _, logged = pc.bp_gradients(net, x, y, loss="ce")
+    _, logged = nnx.jit(lambda n: pc.bp_gradients(n, x, y, loss="ce"))(net)
   else:
     inference = mf.Inference(steps=0, lr=0.1)
-    _, logged = pc.pc_gradients(net, x, y, inference, loss="ce")
+    _, logged = nnx.jit(lambda n: pc.pc_gradients(n, x, y, inference, loss="ce"))(net)
     np.testing.assert_allclose(logged["layer_energies"][-1], 5 * ce, rtol=1e-5)
   np.testing.assert_allclose(logged["loss"], ce, rtol=1e-5)
   np.testing.assert_allclose(logged["accuracy"], accuracy, rtol=1e-6)
