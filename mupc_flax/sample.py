@@ -46,15 +46,14 @@ def main(argv):
     spec.encode(_PROMPT.value)
   except data.DataError as e:
     raise UserError(f"--prompt: {e}") from None
-  folder = checkpointing.directory(workdir)
-  if checkpointing.newest_complete_step(folder) is None:
+  model = build_model(config, spec)
+  restored = checkpointing.restore_model(checkpointing.directory(workdir), nnx.state(model))
+  if restored is None:
     raise UserError(f"{workdir} holds no checkpoint yet; train first (or wait for the first "
                     "save).")
-  model = build_model(config, spec)
-  model_state, _ = checkpointing.restore_model(folder, nnx.state(model))
-  nnx.update(model, model_state)
-  print(_PROMPT.value + sampling.sample_text(model, spec, _PROMPT.value, _LENGTH.value, _TEMPERATURE.value,
-                               _SEED.value))
+  nnx.update(model, restored[0])
+  print(_PROMPT.value + sampling.sample_text(model, spec, _PROMPT.value, _LENGTH.value,
+                                             _TEMPERATURE.value, _SEED.value))
 
 
 if __name__ == "__main__":

@@ -136,16 +136,16 @@ class TextSplit:
     except (OSError, ValueError, KeyError):
       stored = None
     if stored != self.spec.vocabulary:
-      raise builders.DataError(f"{folder} was prepared with another vocabulary (or none); delete it and "
-                      f"prepare {name} again.")
+      raise builders.DataError(f"{folder} was prepared with another vocabulary (or none); "
+                               f"delete it and prepare {name} again.")
     source = tfds.data_source(name, split=split, data_dir=str(data_dir), download=False)
     examples = [source[i] for i in range(len(source))]
     examples.sort(key=lambda e: e.get("title", b""))
     self.tokens = self.spec.encode("".join(e["text"].decode("utf-8") for e in examples))
     if len(self.tokens) < context + 1:
-      raise builders.DataError(f"The {split} split of {name} has {len(self.tokens)} characters, fewer than "
-                      f"one window of context + 1 = {context + 1}; choose a smaller "
-                      "config.data.context.")
+      raise builders.DataError(f"The {split} split of {name} has {len(self.tokens)} characters, "
+                               f"fewer than one window of context + 1 = {context + 1}; choose a "
+                               "smaller config.data.context.")
     self.context, self.stride, self.max_windows = context, context if disjoint else 1, None
     if disjoint and max_windows:
       spread = (len(self.tokens) - context - 1) // max(max_windows - 1, 1)
@@ -272,9 +272,9 @@ def _local_rows(global_batch_size: int, process_index: int, process_count: int) 
   return slice(process_index * local, (process_index + 1) * local)
 
 
-def train_dataset(split: "Split | TextSplit", *, global_batch_size: int, seed: int, num_batches: int | None = None,
-                  augment: bool = False, process_index: int = 0, process_count: int = 1,
-                  prefetch: int = 2) -> grain.IterDataset:
+def train_dataset(split: "Split | TextSplit", *, global_batch_size: int, seed: int,
+                  num_batches: int | None = None, augment: bool = False, process_index: int = 0,
+                  process_count: int = 1, prefetch: int = 2) -> grain.IterDataset:
   """Shuffled training batches for this process, reshuffled every epoch.
 
   Epoch e visits the examples in the order of a permutation seeded by

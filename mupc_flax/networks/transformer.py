@@ -142,7 +142,7 @@ class TransformerPCN(nnx.Module):
     if not isinstance(layer_norm, bool):
       raise ValueError(f"layer_norm must be true or false, got {layer_norm!r}.")
     check_positive_integers(name, width=width, heads=heads, mlp_ratio=mlp_ratio,
-                    out_features=out_features)
+                            out_features=out_features)
     if not isinstance(blocks, int) or blocks < 0:
       raise ValueError(f"{name} needs a non-negative number of blocks, got {blocks!r}.")
     if width % heads:
